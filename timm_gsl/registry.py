@@ -1,0 +1,44 @@
+"""Registration with timm's model factory: ``timm.create_model('group_softmax', base_model=...)``.
+
+Importing :mod:`timm_gsl` registers one entrypoint, ``group_softmax``. It creates the *base*
+architecture with timm (pretrained weights, ``num_classes`` and every other keyword pass through)
+and converts it with :func:`timm_gsl.convert_model`. The model it returns is an instance of the base
+class whose ``pretrained_cfg['architecture']`` names the base architecture, so anything exported
+from it names ``resnet50``, never ``group_softmax``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch.nn as nn
+from timm.models import register_model
+
+from .head import convert_model
+
+__all__ = ['group_softmax']
+
+
+@register_model
+def group_softmax(pretrained: bool = False, base_model: str = '', **kwargs: Any) -> nn.Module:
+    """A timm model of architecture ``base_model`` that trains with the group softmax loss.
+
+    Args:
+        pretrained: load the base architecture's pretrained weights.
+        base_model: any name ``timm.create_model`` accepts ('resnet50', 'hf-hub:org/name', ...).
+        **kwargs: passed to ``timm.create_model(base_model, ...)`` (``num_classes``, ``drop_rate``, ...).
+
+    Examples:
+        >>> import timm, timm_gsl
+        >>> model = timm.create_model('group_softmax', base_model='resnet18', num_classes=10)
+        >>> loss = timm_gsl.GroupSoftmaxLoss(groups=4)(model(images), labels)
+    """
+    if not base_model or not isinstance(base_model, str):
+        raise ValueError(
+            f"base_model must name a timm architecture (e.g. base_model='resnet50'), got {base_model!r}.")
+    if base_model.split('.')[0] == 'group_softmax':
+        raise ValueError("base_model must be a real architecture, not 'group_softmax' itself.")
+    if kwargs.get('pretrained_cfg') is None:
+        kwargs.pop('pretrained_cfg', None)
+    model = timm.create_model(base_model, pretrained=pretrained, **kwargs)
+    return convert_model(model)

@@ -1,0 +1,93 @@
+"""``GroupSoftmaxTask``: a ``timm.task`` training task for the group softmax loss."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.task import ClassificationTask
+
+from .functional import smooth_targets
+from .head import GroupSoftmaxOutput, convert_model
+from .loss import GroupSoftmaxLoss
+from .loss_factory import create_classification_loss
+
+__all__ = ['GroupSoftmaxTask']
+
+_logger = logging.getLogger(__name__)
+
+
+class GroupSoftmaxTask(ClassificationTask):
+    """Supervised classification trained with the group softmax loss.
+
+    Like :class:`timm.task.ClassificationTask`, but the model is converted with
+    :func:`timm_gsl.convert_model` so that its own ``forward`` (inside DDP, when distributed)
+    returns the classifier's features, weight and bias beside the logits; the loss is computed from
+    those. Evaluation, EMA, checkpoints and ``torch.compile`` use the unchanged timm model.
+
+    Args:
+        model: a timm classification model (converted in place).
+        criterion: a criterion that accepts a :class:`GroupSoftmaxOutput`; created from
+            ``criterion_kwargs`` when None.
+        criterion_kwargs: keyword arguments of :func:`timm_gsl.create_classification_loss`
+            (``gsl_groups``, ``gsl_type``, ``gsl_grouping``, ``smoothing``, ``soft_targets``).
+        device: device for task tensors.
+        dtype: dtype for task tensors.
+        verbose: log the criterion.
+
+    The result of ``task(input, target)`` holds ``loss`` (the group loss), ``output`` (the logits)
+    and ``softmax_loss`` (the ordinary softmax cross-entropy of the same logits and targets,
+    detached), whose gap to ``loss`` is the regulariser at work.
+
+    Examples:
+        >>> task = GroupSoftmaxTask(model, criterion_kwargs=dict(gsl_groups=4, gsl_type='II'))
+        >>> result = task(images, labels)
+        >>> result['loss'].backward()
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            criterion: Optional[Union[nn.Module, Callable]] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        if criterion is None:
+            criterion = create_classification_loss(**dict(dict(loss_type='gsl'), **(criterion_kwargs or {})))
+        elif criterion_kwargs:
+            raise ValueError(
+                f'Pass either an explicit criterion or criterion_kwargs, not both: {sorted(criterion_kwargs)}')
+        convert_model(model)
+        super().__init__(model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Forward pass and group softmax loss.
+
+        Args:
+            input: B x 3 x H x W images.
+            target: B class indices or B x C soft targets (Mixup/CutMix).
+
+        Returns:
+            ``{'loss', 'output', 'softmax_loss'}``.
+        """
+        output = self.trainable_module(input)
+        if not isinstance(output, GroupSoftmaxOutput):
+            raise RuntimeError(
+                "GroupSoftmaxTask: the model returned plain logits; call task.train() before a training step "
+                "(in eval mode use task.get_eval_model()).")
+        loss = self.criterion(output, target)
+        with torch.no_grad():
+            logits = output.logits.float()
+            soft = target
+            if not target.is_floating_point():
+                smoothing = getattr(self.criterion, 'smoothing', 0.0)
+                soft = smooth_targets(target, logits.shape[1], smoothing) if smoothing else None
+            if soft is None:
+                softmax_loss = F.cross_entropy(logits, target)
+            else:
+                softmax_loss = -(soft.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).mean()
+        return {'loss': loss, 'output': output.logits, 'softmax_loss': softmax_loss}
