@@ -14,6 +14,7 @@ feature into its group's slot (B x G x D, mostly zeros) and one matmul with the 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -133,7 +134,10 @@ def _check_inputs(
                 raise ValueError(
                     f"soft target rows must sum to 1 (within 1e-3), row {row} sums to {float(sums[row]):.6g}.")
             if bool((target < 0).any()):
-                raise ValueError("soft target must be non-negative, got a negative entry.")
+                row, col = (int(i) for i in (target < 0).nonzero()[0])
+                raise ValueError(
+                    f"soft target must be non-negative, got {float(target[row, col]):.6g} at row {row}, "
+                    f"class {col}.")
     elif target.dtype == torch.int64:
         if tuple(target.shape) != (batch,):
             raise ValueError(
@@ -152,6 +156,12 @@ def _check_inputs(
 # ----------------------------------------------------------------------------------------------
 # Discriminativity and groupings
 # ----------------------------------------------------------------------------------------------
+
+def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
 
 @torch.no_grad()
 def discriminativity(features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -176,7 +186,9 @@ def discriminativity(features: torch.Tensor, weight: torch.Tensor, target: torch
     num_classes = w.shape[0]
     col_sum = w.sum(0)
     if target.is_floating_point():
-        w_true = target.detach().to(dtype) @ w
+        # Autocast would run this matmul in half precision and perturb the sort order.
+        with _autocast_disabled(x.device.type):
+            w_true = target.detach().to(dtype) @ w
     else:
         w_true = w.index_select(0, target)
     return x * (w_true - (col_sum - w_true) / (num_classes - 1))

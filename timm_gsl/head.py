@@ -16,11 +16,12 @@ and synchronises every gradient.
 Classifiers handled: ``nn.Linear`` (timm's ``Linear`` too), a 1x1 ``nn.Conv2d`` applied to pooled
 features, a linear layer inside a container (``ClassifierHead``, ``NormMlpClassifierHead``, MLP
 heads, ``NormLinear`` variants: the *last* linear layer is the classifier, everything before it is
-part of the features), and the two heads of distilled models whose eval logits are the mean of both
-heads (DeiT-distilled, LeViT): their features are concatenated and their weights halved, which is
-again one linear classifier. On the first training step the head checks that the model's logits
-equal ``features @ W.T + b``; a model that does anything after its classifier is refused there with
-an error that says so.
+part of the features), and models whose logits are the mean of several heads (the two heads of
+distilled DeiT and LeViT, the per-branch heads of CrossViT, the ``head``/``head_dist`` pair inside
+RepViT's classifier): their features are concatenated and their weights divided by the number of
+heads, which is again one linear classifier. On the first training step the head checks that the
+model's logits equal ``features @ W.T + b``; a model that does anything after its classifier is
+refused there with an error that says so.
 """
 from __future__ import annotations
 
@@ -91,6 +92,18 @@ def _final_linear(head: nn.Module, model_name: str) -> nn.Module:
     return found[-1]
 
 
+def _classifier_heads(model: nn.Module) -> Tuple[nn.Module, ...]:
+    # Several heads come as a tuple (distilled DeiT/LeViT/PiT/EfficientFormer: head, head_dist) or
+    # as an nn.ModuleList (CrossViT: one head per branch); the model's logits are their mean.
+    heads = model.get_classifier()
+    heads = tuple(heads) if isinstance(heads, (tuple, list, nn.ModuleList)) else (heads,)
+    # RepViT and iFormer keep their distillation head inside one classifier module.
+    if len(heads) == 1 and getattr(heads[0], 'distillation', False) and all(
+            isinstance(getattr(heads[0], n, None), nn.Module) for n in ('head', 'head_dist')):
+        heads = (heads[0].head, heads[0].head_dist)
+    return heads
+
+
 def classifier_layers(model: nn.Module) -> List[nn.Module]:
     """The final linear layer(s) of a timm model's classifier, one per head.
 
@@ -98,7 +111,8 @@ def classifier_layers(model: nn.Module) -> List[nn.Module]:
         model: a timm model (anything with ``get_classifier()``).
 
     Returns:
-        One layer for ordinary models, two for distilled models with a distillation head.
+        One layer for ordinary models, one per head for models whose logits are the mean of
+        several heads (distilled DeiT/LeViT, CrossViT, RepViT with distillation).
 
     Raises:
         UnsupportedModelError: the model has no ``get_classifier()`` or no linear classifier.
@@ -107,8 +121,7 @@ def classifier_layers(model: nn.Module) -> List[nn.Module]:
     if not hasattr(model, 'get_classifier'):
         raise UnsupportedModelError(
             f"{name}: the model has no get_classifier(); the group softmax head needs a timm classifier model.")
-    heads = model.get_classifier()
-    heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
+    heads = _classifier_heads(model)
     if not heads:
         raise UnsupportedModelError(f"{name}: get_classifier() returned no classifier.")
     return [_final_linear(h, name) for h in heads]
@@ -194,8 +207,7 @@ class GroupSoftmaxHead:
         self.verified = False
 
     def _layers_changed(self) -> bool:
-        heads = self.model.get_classifier()
-        heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
+        heads = _classifier_heads(self.model)
         if len(heads) != len(self.layers):
             return True
         return any(

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .functional import check_groups, check_grouping, check_loss_type, group_softmax_loss
+from .functional import GROUPINGS, check_groups, check_grouping, check_loss_type, group_softmax_loss
 from .head import GroupSoftmaxOutput
 
 __all__ = ['GroupSoftmaxLoss']
@@ -42,7 +42,9 @@ class GroupSoftmaxLoss(nn.Module):
         self.groups = check_groups(groups)
         self.loss_type = check_loss_type(loss_type)
         if isinstance(grouping, torch.Tensor):
-            raise ValueError("grouping must be a name here; pass an explicit assignment to group_softmax_loss().")
+            raise ValueError(
+                f"grouping must be one of {GROUPINGS} here, got a tensor of shape {tuple(grouping.shape)}; "
+                f"pass an explicit assignment to group_softmax_loss().")
         self.grouping = check_grouping(grouping)
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be a float in [0, 1), got {smoothing!r}.")

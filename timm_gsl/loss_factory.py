@@ -1,8 +1,10 @@
 """timm's classification-loss factory, extended with ``loss_type='gsl'``."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Tuple
 
+import torch
 import torch.nn as nn
 from timm.loss import LOSS_TYPES as TIMM_LOSS_TYPES
 from timm.loss import create_classification_loss as timm_create_classification_loss
@@ -13,11 +15,19 @@ __all__ = ['LOSS_TYPES', 'create_classification_loss']
 
 LOSS_TYPES: Tuple[str, ...] = tuple(TIMM_LOSS_TYPES) + ('gsl',)
 
-# timm options that only make sense for one of timm's own losses.
+# timm options that only make sense for one of timm's own losses, with their defaults (read from
+# timm's signature so that an option added by a later timm is refused for 'gsl' too, not ignored).
 _TIMM_ONLY_DEFAULTS = {
-    'class_weight': None, 'pos_weight': None, 'bce_target_thresh': None, 'bce_sum': False,
-    'jsd_splits': 0, 'class_counts': None, 'num_samples': None,
+    name: param.default
+    for name, param in inspect.signature(timm_create_classification_loss).parameters.items()
+    if name not in ('loss_type', 'multi_label', 'smoothing', 'soft_targets')
 }
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is None or default is None or isinstance(value, torch.Tensor):
+        return value is default
+    return value == default
 
 
 def create_classification_loss(
@@ -54,11 +64,16 @@ def create_classification_loss(
     if multi_label:
         raise ValueError("Loss type 'gsl' is a softmax loss for single-label targets; it does not support "
                          "multi_label=True.")
-    unexpected = sorted(k for k, v in timm_kwargs.items() if k in _TIMM_ONLY_DEFAULTS and v != _TIMM_ONLY_DEFAULTS[k])
-    unknown = sorted(k for k in timm_kwargs if k not in _TIMM_ONLY_DEFAULTS and not k.startswith(('asl_', 'poly_', 'twoway_', 'db_')))
+    unknown = sorted(k for k in timm_kwargs if k not in _TIMM_ONLY_DEFAULTS)
     if unknown:
-        raise ValueError(f"Unknown argument(s) {unknown} for create_classification_loss.")
+        raise ValueError(
+            f"Unknown argument(s) {unknown} for create_classification_loss, expected gsl_groups, gsl_type, "
+            f"gsl_grouping or one of timm's options {tuple(_TIMM_ONLY_DEFAULTS)}.")
+    unexpected = {k: v for k, v in timm_kwargs.items() if not _is_default(v, _TIMM_ONLY_DEFAULTS[k])}
     if unexpected:
-        raise ValueError(f"Argument(s) {unexpected} apply to timm's own losses, not to loss_type='gsl'.")
+        settings = ', '.join(f'{k}={v!r}' for k, v in sorted(unexpected.items()))
+        raise ValueError(
+            f"Argument(s) {settings} apply to timm's own losses, not to loss_type='gsl'; leave them at their "
+            f"defaults ({', '.join(f'{k}={_TIMM_ONLY_DEFAULTS[k]!r}' for k in sorted(unexpected))}).")
     return GroupSoftmaxLoss(
         groups=gsl_groups, loss_type=gsl_type, grouping=gsl_grouping, smoothing=0. if soft_targets else smoothing)

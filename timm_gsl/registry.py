@@ -41,4 +41,13 @@ def group_softmax(pretrained: bool = False, base_model: str = '', **kwargs: Any)
     if kwargs.get('pretrained_cfg') is None:
         kwargs.pop('pretrained_cfg', None)
     model = timm.create_model(base_model, pretrained=pretrained, **kwargs)
+    # timm's factory records the arguments of *this* call, base_model included, as the model's
+    # reconstruction arguments once we return; an export (save_for_hf) would then write
+    # base_model=... into config.json and the base architecture could not be rebuilt from it.
+    # Exports read the state dict first, so drop the key there.
+    model.register_state_dict_pre_hook(_drop_base_model_arg)
     return convert_model(model)
+
+
+def _drop_base_model_arg(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    getattr(module, '_model_args', {}).pop('base_model', None)

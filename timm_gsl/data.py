@@ -1,0 +1,589 @@
+"""Datasets: the embedded Fashion-MNIST default and the paper's data conditions for any timm dataset.
+
+Two things live here:
+
+* ``'embedded/fashion-mnist'``, a small balanced subset of the real Fashion-MNIST shipped inside the
+  package (500 training images per class from its training set, 100 validation images per class from
+  its test set), so training and validation run with no download at all.
+* The data conditions of the paper's small-data experiments, for any dataset whose labels can be read
+  without decoding images: ``class_subset`` keeps K classes (or the classes named in a file) and
+  relabels them 0..K-1, ``samples_per_class`` keeps N training images of every class.
+
+:func:`create_dataset` takes every argument :func:`timm.data.create_dataset` takes and adds these.
+
+Examples:
+    >>> train = create_dataset(EMBEDDED_DATASET, split='train', is_training=True,
+    ...                        class_subset=5, samples_per_class=20, seed=0)
+    >>> val = create_dataset(EMBEDDED_DATASET, split='validation', class_subset=5, seed=0)
+    >>> len(train), len(val), dataset_class_names(train) == dataset_class_names(val)
+    (100, 500, True)
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import numbers
+import os
+from importlib import resources
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+
+__all__ = [
+    'EMBEDDED_DATASET', 'ConditionedDataset', 'EmbeddedFashionMNIST', 'apply_data_conditions',
+    'create_dataset', 'dataset_class_names', 'dataset_targets', 'embedded_dataset_info', 'is_embedded',
+]
+
+EMBEDDED_DATASET: str = 'embedded/fashion-mnist'
+
+_EMBEDDED_PREFIX = 'embedded/'
+_EMBEDDED_FILES = ('datasets', 'fashion_mnist')
+_EMBEDDED_ARRAYS = 'fashion_mnist_subset.npz'
+_EMBEDDED_META = 'meta.json'
+_TRAIN_SPLITS = ('train',)
+_EVAL_SPLITS = ('validation', 'val', 'test')
+_IMG_MODES = ('RGB', 'L')
+# timm.data.create_dataset arguments that only matter for other dataset types; like timm does for
+# folder datasets, the embedded dataset ignores them.
+_IGNORED_TIMM_ARGS = frozenset({
+    'search_split', 'download', 'batch_size', 'num_samples', 'repeats', 'trust_remote_code',
+    'input_key', 'target_key', 'target_format', 'max_steps',
+})
+
+
+def is_embedded(name: str) -> bool:
+    """Whether ``name`` names the dataset shipped with the package.
+
+    Args:
+        name: a dataset name as given to :func:`create_dataset` (case-insensitive).
+
+    Returns:
+        True for ``'embedded/fashion-mnist'``.
+    """
+    return isinstance(name, str) and name.strip().lower() == EMBEDDED_DATASET
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_meta() -> Dict[str, Any]:
+    path = resources.files(__package__).joinpath(*_EMBEDDED_FILES, _EMBEDDED_META)
+    return json.loads(path.read_text(encoding='utf-8'))
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_arrays() -> Dict[str, np.ndarray]:
+    path = resources.files(__package__).joinpath(*_EMBEDDED_FILES, _EMBEDDED_ARRAYS)
+    # Read through the Traversable so an installed zip/wheel works too, not only a folder on disk.
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    for array in arrays.values():
+        array.setflags(write=False)  # shared by every dataset instance
+    return arrays
+
+
+def embedded_dataset_info() -> Dict[str, Any]:
+    """Describe the embedded dataset without loading its images.
+
+    Returns:
+        A dict with ``name`` (``'embedded/fashion-mnist'``), ``num_classes``, ``class_names`` (in label
+        order), ``num_train``, ``num_val``, ``image_size`` (``(height, width)``), ``licence``,
+        ``train_per_class``, ``val_per_class`` and ``source`` (where the images come from).
+    """
+    meta = _embedded_meta()
+    return {
+        'name': EMBEDDED_DATASET,
+        'num_classes': len(meta['class_names']),
+        'class_names': list(meta['class_names']),
+        'num_train': meta['num_train'],
+        'num_val': meta['num_val'],
+        'image_size': tuple(meta['image_size']),
+        'licence': meta['licence'],
+        'train_per_class': meta['train_per_class'],
+        'val_per_class': meta['val_per_class'],
+        'source': 'Fashion-MNIST (Zalando Research): training split from its 60k training set, '
+                  'validation split from its 10k test set',
+    }
+
+
+class EmbeddedFashionMNIST(torch.utils.data.Dataset):
+    """The Fashion-MNIST subset shipped with the package, as PIL images and int targets.
+
+    Behaves like a timm ``ImageDataset``: ``transform`` and ``target_transform`` are plain attributes
+    that ``timm.data.create_loader`` may set, and images come out in ``input_img_mode``.
+
+    Args:
+        split: 'train', or 'validation' / 'val' / 'test' (the same held-out images).
+        transform: applied to the PIL image.
+        target_transform: applied to the int target.
+        input_img_mode: 'RGB' (3 identical channels, like any timm dataset) or 'L' (one channel).
+
+    Attributes:
+        targets: the label of every image, in dataset order.
+        classes: class names in label order.
+        class_to_idx: class name -> label.
+        source_index: index of every image in the original Fashion-MNIST file it came from.
+    """
+
+    def __init__(
+            self,
+            split: str = 'train',
+            transform: Optional[Callable] = None,
+            target_transform: Optional[Callable] = None,
+            input_img_mode: str = 'RGB',
+    ):
+        if split in _TRAIN_SPLITS:
+            key = 'train'
+        elif split in _EVAL_SPLITS:
+            key = 'val'
+        else:
+            raise ValueError(f"Unknown split '{split}' for dataset '{EMBEDDED_DATASET}', expected one of "
+                             f"{_TRAIN_SPLITS + _EVAL_SPLITS}.")
+        if input_img_mode not in _IMG_MODES:
+            raise ValueError(f"Unsupported input_img_mode '{input_img_mode}' for dataset '{EMBEDDED_DATASET}', "
+                             f"expected one of {_IMG_MODES}.")
+        arrays = _embedded_arrays()
+        self.split = key
+        self.images: np.ndarray = arrays[f'{key}_images']
+        self.targets: List[int] = arrays[f'{key}_labels'].astype(np.int64).tolist()
+        self.source_index: List[int] = arrays[f'{key}_source_index'].astype(np.int64).tolist()
+        self.classes: List[str] = list(_embedded_meta()['class_names'])
+        self.class_to_idx: Dict[str, int] = {name: i for i, name in enumerate(self.classes)}
+        self.input_img_mode = input_img_mode
+        self.transform = transform
+        self.target_transform = target_transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[Any, Any]:
+        img = Image.fromarray(self.images[index])  # uint8 H x W -> mode 'L'
+        if self.input_img_mode != 'L':
+            img = img.convert(self.input_img_mode)
+        target = self.targets[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        """A stable name for image ``index``: its split and index in the original Fashion-MNIST file.
+
+        Args:
+            index: dataset index.
+            basename: return only the file part.
+            absolute: accepted for timm compatibility; the images have no path on disk.
+
+        Returns:
+            e.g. ``'train/01234.png'``.
+        """
+        name = f'{self.source_index[index]:05d}.png'
+        return name if basename else f'{self.split}/{name}'
+
+    def filenames(self, basename: bool = False, absolute: bool = False) -> List[str]:
+        """:meth:`filename` of every image, in dataset order."""
+        return [self.filename(i, basename, absolute) for i in range(len(self))]
+
+
+class _Relabel:
+    """Map an original label to its new label, then apply the user's target transform (picklable)."""
+
+    def __init__(self, label_map: Dict[int, int], target_transform: Optional[Callable] = None):
+        self.label_map = label_map
+        self.target_transform = target_transform
+
+    def __call__(self, target):
+        target = self.label_map[int(target)]
+        return target if self.target_transform is None else self.target_transform(target)
+
+
+def _check_applies_transforms(base: Any) -> None:
+    if not (hasattr(base, 'transform') and hasattr(base, 'target_transform')):
+        # e.g. torch.utils.data.Subset: a transform assigned to the view would silently go nowhere.
+        raise ValueError(f'base={type(base).__name__} has no transform / target_transform attributes; '
+                         f'the data conditions need a dataset that applies them itself.')
+
+
+class ConditionedDataset(torch.utils.data.Dataset):
+    """A view of a map-style dataset that keeps some of its images and optionally relabels them.
+
+    Images are only decoded when indexed. Assigning ``transform`` sets the base dataset's transform;
+    assigning ``target_transform`` sets the base dataset's target transform to "relabel, then apply
+    it", so the relabelling always happens first.
+
+    Args:
+        base: the dataset to view; must have settable ``transform`` and ``target_transform``.
+        indices: indices into ``base`` to keep, in the order to present them.
+        targets: the (new) label of each kept image.
+        label_map: original label -> new label, or None to keep labels.
+        class_names: names of the new labels in label order, or None if unknown.
+
+    Attributes:
+        base, indices, targets, classes (same as ``class_names``), label_map.
+    """
+
+    def __init__(
+            self,
+            base: torch.utils.data.Dataset,
+            indices: Sequence[int],
+            targets: Sequence[int],
+            label_map: Optional[Dict[int, int]] = None,
+            class_names: Optional[Sequence[str]] = None,
+    ):
+        if len(indices) != len(targets):
+            raise ValueError(f'indices and targets must have the same length, got {len(indices)} and {len(targets)}.')
+        _check_applies_transforms(base)
+        self.base = base
+        self.indices: List[int] = [int(i) for i in indices]
+        self.targets: List[int] = [int(t) for t in targets]
+        self.label_map = None if label_map is None else {int(k): int(v) for k, v in label_map.items()}
+        self.classes: Optional[List[str]] = None if class_names is None else list(class_names)
+        self._target_transform = None
+        self.target_transform = getattr(base, 'target_transform', None)  # wraps it with the relabelling
+
+    @property
+    def transform(self) -> Optional[Callable]:
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, value: Optional[Callable]) -> None:
+        self.base.transform = value
+
+    @property
+    def target_transform(self) -> Optional[Callable]:
+        return self._target_transform
+
+    @target_transform.setter
+    def target_transform(self, value: Optional[Callable]) -> None:
+        self._target_transform = value
+        self.base.target_transform = value if self.label_map is None else _Relabel(self.label_map, value)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False):
+        """The base dataset's file name of image ``index`` (see ``ImageDataset.filename``)."""
+        return self.base.filename(self.indices[index], basename, absolute)
+
+    def filenames(self, basename: bool = False, absolute: bool = False) -> List:
+        """:meth:`filename` of every image, in dataset order."""
+        return [self.filename(i, basename, absolute) for i in range(len(self))]
+
+
+def _check_int_label(value: Any, dataset: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f'{type(dataset).__name__} has a non-integer label {value!r}; class_subset and '
+                         f'samples_per_class need single-label integer targets.')
+    return int(value)
+
+
+def _raw_targets(dataset: Any) -> Optional[List[Any]]:
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    if isinstance(dataset, (ConditionedDataset, EmbeddedFashionMNIST)):
+        return list(dataset.targets)
+    if isinstance(dataset, torch.utils.data.Subset):
+        base = _raw_targets(dataset.dataset)
+        return None if base is None else [base[i] for i in dataset.indices]
+    reader = getattr(dataset, 'reader', None)
+    if reader is not None:  # timm ImageDataset
+        if getattr(reader, 'targets', None) is not None:  # ReaderImageInTar
+            return list(reader.targets)
+        samples = getattr(reader, 'samples', None)  # ReaderImageFolder, ReaderImageTar: (file, target) pairs
+        if samples is not None and all(isinstance(s, (tuple, list)) and len(s) == 2 for s in samples):
+            return [s[1] for s in samples]
+        if hasattr(reader, 'iter_targets'):  # ReaderHfds: reads the label column only
+            return list(reader.iter_targets())
+        return None
+    targets = getattr(dataset, 'targets', None)  # torchvision datasets
+    if targets is None:
+        return None
+    return targets.tolist() if hasattr(targets, 'tolist') else list(targets)
+
+
+def dataset_targets(dataset: Any) -> List[int]:
+    """The label of every image of a map-style dataset, read without decoding any image.
+
+    Supports the embedded dataset, :class:`ConditionedDataset`, timm ``ImageDataset`` over a folder,
+    tar or Hugging Face dataset, torchvision datasets with ``targets`` and ``torch.utils.data.Subset``
+    of those.
+
+    Args:
+        dataset: the dataset.
+
+    Returns:
+        The integer label of each image, in dataset order.
+
+    Raises:
+        ValueError: the labels cannot be read without decoding (iterable or unknown dataset types) or
+            are not single integers.
+    """
+    targets = _raw_targets(dataset)
+    if targets is None:
+        raise ValueError(
+            f'Cannot read the labels of a {type(dataset).__name__} without decoding its images, so '
+            f'class_subset and samples_per_class are not supported for this dataset type. Supported: the '
+            f'embedded dataset, timm folder/tar/hfds datasets and torchvision datasets with a .targets list.')
+    return [_check_int_label(t, dataset) for t in targets]
+
+
+def _names_from_index(class_to_idx: Any) -> Optional[List[str]]:
+    if not isinstance(class_to_idx, dict) or not class_to_idx:
+        return None
+    by_index = {}
+    for name, index in class_to_idx.items():
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or int(index) in by_index:
+            return None
+        by_index[int(index)] = str(name)
+    if sorted(by_index) != list(range(len(by_index))):
+        return None  # a class map with gaps: no name for some labels
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def dataset_class_names(dataset: Any) -> Optional[List[str]]:
+    """The class names of a dataset in label order, after any relabelling.
+
+    Args:
+        dataset: the embedded dataset, a :class:`ConditionedDataset`, a timm ``ImageDataset`` or a
+            torchvision dataset.
+
+    Returns:
+        ``names[label]`` for every label, or None when the dataset does not record them.
+    """
+    if isinstance(dataset, (ConditionedDataset, EmbeddedFashionMNIST)):
+        return None if dataset.classes is None else list(dataset.classes)
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_class_names(dataset.dataset)
+    reader = getattr(dataset, 'reader', None)
+    if reader is not None:
+        for attr in ('class_to_idx', 'class_name_to_idx'):
+            names = _names_from_index(getattr(reader, attr, None))
+            if names is not None:
+                return names
+        return None
+    classes = getattr(dataset, 'classes', None)
+    if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    return _names_from_index(getattr(dataset, 'class_to_idx', None))
+
+
+def _check_samples_per_class(samples_per_class: Any) -> None:
+    if samples_per_class is None:
+        return
+    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, numbers.Integral) \
+            or samples_per_class < 1:
+        raise ValueError(f'samples_per_class={samples_per_class!r} is invalid, expected None or an integer >= 1.')
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f'seed={seed!r} is invalid, expected an integer >= 0.')
+
+
+def _parse_class_subset(class_subset: Any) -> Union[None, int, str]:
+    """Validate ``class_subset``: None, an int K, or a path to a class-name file (a digit string names K)."""
+    if class_subset is None:
+        return None
+    if isinstance(class_subset, (str, os.PathLike)):
+        path = os.fspath(class_subset)
+        if os.path.isfile(path):
+            return path
+        if isinstance(class_subset, str) and class_subset.strip().isdigit():
+            class_subset = int(class_subset.strip())  # '10' from a command line
+        else:
+            raise ValueError(f"class_subset='{path}' is neither an integer number of classes nor an "
+                             f"existing file of class names (one per line).")
+    if isinstance(class_subset, bool) or not isinstance(class_subset, numbers.Integral):
+        raise ValueError(f'class_subset={class_subset!r} is invalid, expected None, an integer >= 2 or the path '
+                         f'of a file of class names.')
+    if class_subset < 2:
+        raise ValueError(f'class_subset={class_subset} is out of range, expected an integer >= 2 (a '
+                         f'classifier needs at least two classes).')
+    return int(class_subset)
+
+
+def _read_class_names(path: str) -> List[str]:
+    with open(path, encoding='utf-8') as f:
+        names = [line.strip() for line in f]
+    return [n for n in names if n]
+
+
+def _select_classes(class_subset: Union[int, str], num_classes: int, names: Optional[List[str]],
+                    seed: int) -> List[int]:
+    """Original labels of the chosen classes, ascending."""
+    if isinstance(class_subset, int):
+        if class_subset > num_classes:
+            raise ValueError(f'class_subset={class_subset} is out of range, expected an integer in '
+                             f'[2, {num_classes}] (the dataset has {num_classes} classes).')
+        # One seeded permutation of all labels: the choice depends only on (seed, number of classes),
+        # so the train and validation splits of a dataset get the same classes.
+        return sorted(int(c) for c in np.random.default_rng(seed).permutation(num_classes)[:class_subset])
+    if names is None:
+        raise ValueError(f"class_subset='{class_subset}' is a file of class names, but this dataset does not "
+                         f"record class names; pass an integer number of classes instead.")
+    wanted = _read_class_names(class_subset)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [n for n in wanted if n not in index]
+    if unknown:
+        raise ValueError(f"class_subset='{class_subset}' names unknown classes {unknown[:5]}; valid names "
+                         f"include {names[:5]} ({len(names)} classes in all).")
+    duplicated = sorted({n for n in wanted if wanted.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"class_subset='{class_subset}' lists classes more than once: {duplicated[:5]}.")
+    if len(wanted) < 2:
+        raise ValueError(f"class_subset='{class_subset}' names {len(wanted)} class(es), expected between 2 "
+                         f"and {num_classes} class names, one per line.")
+    return sorted(index[n] for n in wanted)
+
+
+def _class_label(c: int, names: Optional[List[str]]) -> str:
+    return f"{c} ('{names[c]}')" if names is not None and c < len(names) else str(c)
+
+
+def apply_data_conditions(
+        dataset: torch.utils.data.Dataset,
+        class_subset: Optional[Union[int, str]] = None,
+        samples_per_class: Optional[int] = None,
+        seed: int = 42,
+) -> torch.utils.data.Dataset:
+    """Keep K classes and/or N images per class of a dataset, without decoding images.
+
+    ``class_subset=K`` keeps K classes drawn with ``seed`` from the dataset's classes (the same K for
+    every split with the same seed and class list), or the classes named in a file (one name per line).
+    The kept classes are relabelled 0..K-1 in ascending order of their original label.
+    ``samples_per_class=N`` keeps N images of every (kept) class, drawn with ``seed``; class ``c``'s
+    draw depends only on ``(seed, c)`` and a smaller N keeps a subset of a larger N's images. Kept
+    images stay in dataset order.
+
+    Args:
+        dataset: a map-style dataset :func:`dataset_targets` can read.
+        class_subset: None, an int K in [2, number of classes], or a path to a file of class names.
+            A string of digits that is not an existing file is read as K.
+        samples_per_class: None, or N in [1, images of the smallest kept class].
+        seed: seed of both draws.
+
+    Returns:
+        ``dataset`` itself when both conditions are None, else a :class:`ConditionedDataset` over it.
+
+    Raises:
+        ValueError: an argument is out of range, a kept class has no images, class names are needed
+            but unknown, or the labels cannot be read without decoding images.
+    """
+    class_subset = _parse_class_subset(class_subset)
+    _check_samples_per_class(samples_per_class)
+    _check_seed(seed)
+    if class_subset is None and samples_per_class is None:
+        return dataset
+    targets = np.asarray(dataset_targets(dataset), dtype=np.int64)
+    _check_applies_transforms(dataset)
+    names = dataset_class_names(dataset)
+    if len(targets) == 0:
+        raise ValueError(f'{type(dataset).__name__} is empty; class_subset and samples_per_class need images.')
+    if names is not None:
+        num_classes = len(names)
+    else:
+        num_classes = int(targets.max()) + 1
+    bad = targets[(targets < 0) | (targets >= num_classes)]
+    if len(bad):
+        raise ValueError(f'{type(dataset).__name__} has label {int(bad[0])} outside [0, {num_classes - 1}]; '
+                         f'class_subset and samples_per_class need labels in that range.')
+
+    if class_subset is None:
+        classes = list(range(num_classes))
+    else:
+        classes = _select_classes(class_subset, num_classes, names, seed)
+    members = {c: np.flatnonzero(targets == c) for c in classes}
+    empty = [c for c in classes if len(members[c]) == 0]
+    if empty:
+        fix = ('choose a class_subset without it' if class_subset is not None else
+               f'samples_per_class={samples_per_class} needs images of every class; use class_subset to leave it out')
+        raise ValueError(f'Class {_class_label(empty[0], names)} has no images in this {type(dataset).__name__} '
+                         f'({len(empty)} empty class(es) among the kept ones): {fix}.')
+    if samples_per_class is not None:
+        smallest = min(classes, key=lambda c: len(members[c]))
+        if samples_per_class > len(members[smallest]):
+            raise ValueError(
+                f'samples_per_class={samples_per_class} is out of range: class {_class_label(smallest, names)} '
+                f'has only {len(members[smallest])} images; expected an integer in [1, {len(members[smallest])}].')
+        members = {c: np.random.default_rng((seed, c)).permutation(m)[:samples_per_class] for c, m in members.items()}
+
+    indices = np.sort(np.concatenate([members[c] for c in classes]))
+    if class_subset is None:
+        label_map, class_names = None, names
+    else:
+        label_map = {c: new for new, c in enumerate(classes)}
+        class_names = None if names is None else [names[c] for c in classes]
+    new_targets = [label_map[int(t)] if label_map else int(t) for t in targets[indices]]
+    return ConditionedDataset(dataset, indices.tolist(), new_targets, label_map, class_names)
+
+
+def _create_embedded(split: str, **kwargs: Any) -> EmbeddedFashionMNIST:
+    class_map = kwargs.pop('class_map', None)
+    if class_map:
+        raise ValueError(f"class_map={class_map!r} is not supported for '{EMBEDDED_DATASET}'; use class_subset "
+                         f"with a file of class names instead.")
+    if kwargs.pop('load_bytes', False):
+        raise ValueError(f"load_bytes=True is not supported for '{EMBEDDED_DATASET}' (its images are arrays).")
+    options = {k: kwargs.pop(k) for k in ('transform', 'target_transform', 'input_img_mode') if k in kwargs}
+    if options.get('input_img_mode', 'RGB') is None:
+        options['input_img_mode'] = 'RGB'
+    unknown = sorted(k for k in kwargs if k not in _IGNORED_TIMM_ARGS)
+    if unknown:
+        raise ValueError(f"Unknown argument(s) {unknown} for dataset '{EMBEDDED_DATASET}'.")
+    return EmbeddedFashionMNIST(split, **options)
+
+
+def create_dataset(
+        name: str,
+        root: Optional[str] = None,
+        split: str = 'validation',
+        is_training: bool = False,
+        *,
+        class_subset: Optional[Union[int, str]] = None,
+        samples_per_class: Optional[int] = None,
+        seed: int = 42,
+        **timm_kwargs: Any,
+) -> torch.utils.data.Dataset:
+    """Create the embedded dataset or any timm dataset, under the paper's data conditions.
+
+    Args:
+        name: ``'embedded/fashion-mnist'`` or any name :func:`timm.data.create_dataset` accepts
+            ('' for an image folder under ``root``, 'torch/cifar10', 'hfds/...', ...).
+        root: dataset root (unused by the embedded dataset).
+        split: split name. Embedded: 'train', or 'validation' / 'val' / 'test' (the same images).
+        is_training: training mode; ``samples_per_class`` only applies when True.
+        class_subset: keep K classes drawn with ``seed`` (an int, or a string of digits), or the classes
+            named in a file (one per line); kept classes are relabelled 0..K-1 in their original order.
+        samples_per_class: keep N training images per class, drawn with ``seed`` (training only).
+        seed: seed of the class and image draws; also passed to timm (iterable datasets shuffle with it).
+        **timm_kwargs: any other argument of :func:`timm.data.create_dataset` (class_map, download,
+            batch_size, num_samples, input_img_mode, input_key, target_key, trust_remote_code, repeats,
+            transform, ...). The embedded dataset honours ``transform``, ``target_transform`` and
+            ``input_img_mode`` ('RGB' or 'L') and ignores the ones that only concern other types.
+
+    Returns:
+        A dataset with a settable ``transform`` (as ``timm.data.create_loader`` expects).
+
+    Raises:
+        ValueError: unknown embedded dataset or split, or a data condition out of range (see
+            :func:`apply_data_conditions`).
+    """
+    # Fail on bad conditions before a possibly slow dataset scan.
+    class_subset = _parse_class_subset(class_subset)
+    _check_samples_per_class(samples_per_class)
+    _check_seed(seed)
+    if is_embedded(name):
+        dataset = _create_embedded(split, **timm_kwargs)
+    elif isinstance(name, str) and name.strip().lower().startswith(_EMBEDDED_PREFIX):
+        raise ValueError(f"Unknown embedded dataset '{name}', expected '{EMBEDDED_DATASET}'.")
+    else:
+        from timm.data import create_dataset as timm_create_dataset
+        dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, seed=seed,
+                                      **timm_kwargs)
+    return apply_data_conditions(
+        dataset, class_subset=class_subset, samples_per_class=samples_per_class if is_training else None, seed=seed)
