@@ -11,7 +11,6 @@ from timm.task import ClassificationTask
 
 from .functional import smooth_targets
 from .head import GroupSoftmaxOutput, convert_model
-from .loss import GroupSoftmaxLoss
 from .loss_factory import create_classification_loss
 
 __all__ = ['GroupSoftmaxTask']

@@ -37,6 +37,7 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler
 from timm.loss import LOSS_TYPES as TIMM_LOSS_TYPES
 
+from ._cli import explicit_dests, resolve_device
 from .data import EMBEDDED_DATASET, create_dataset, dataset_class_names
 from .functional import GROUPINGS, LOSS_TYPES as GSL_TYPES
 from .loss_factory import create_classification_loss
@@ -451,19 +452,6 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return {k: v for k, v in config.items() if k in known}
 
 
-def _explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set[str]:
-    """Destinations of the options present in ``argv``, whatever value they were given."""
-    saved = [(action, action.default) for action in parser._actions]
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        given, _ = parser.parse_known_args(argv)
-    finally:
-        for action, default in saved:
-            action.default = default
-    return set(vars(given))
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, Set[str]]:
     """Parse ``train.py``'s command line the timm way.
 
@@ -484,7 +472,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         config = _read_config(config_args.config, parser)
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
-    explicit = _explicit_dests(parser, argv) | set(config)
+    explicit = explicit_dests(parser, argv) | set(config)
     explicit.discard('config')
     return args, explicit
 
@@ -500,15 +488,14 @@ def format_args(args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------------------------
 
 # Applied, flag by flag, only where the user set no data flag and did not set that flag: a small model
-# on the embedded 28x28 grayscale Fashion-MNIST subset (5000 training images), a few minutes on 2 CPU
+# on the embedded 28x28 Fashion-MNIST subset (grayscale, given as RGB like any timm dataset) (5000 training images), a few minutes on 2 CPU
 # cores. Every value replaces a default sized for ImageNet on GPUs.
 EMBEDDED_RECIPE: Dict[str, Any] = dict(
     dataset=EMBEDDED_DATASET,
     model='resnet10t',
-    epochs=6,
+    epochs=10,
     batch_size=64,
     validation_batch_size=250,
-    in_chans=1,
     img_size=28,
     mean=[0.286],
     std=[0.353],
@@ -554,7 +541,7 @@ def apply_embedded_recipe(args: argparse.Namespace, explicit: Set[str]) -> List[
     recipe = dict(EMBEDDED_RECIPE, device='cuda' if torch.cuda.is_available() else 'cpu')
     if 'input_size' in explicit:
         # The user's input shape sets channels and size; the recipe's would contradict it.
-        del recipe['in_chans'], recipe['img_size']
+        del recipe['img_size']
     changed = [dest for dest in recipe if dest not in explicit]
     for dest in changed:
         setattr(args, dest, recipe[dest])
@@ -697,9 +684,7 @@ def _resolve_device(args: argparse.Namespace) -> None:
     if args.device_modules:
         for module in args.device_modules:
             importlib.import_module(module)
-    if str(args.device).startswith('cuda') and not torch.cuda.is_available():
-        _logger.warning(f"--device {args.device}: CUDA is not available, training on the CPU instead.")
-        args.device = 'cpu'
+    args.device = str(resolve_device(args.device, 'training'))
 
 
 def _loss_name(args: argparse.Namespace) -> str:

@@ -57,6 +57,7 @@ from timm.utils import (
     setup_default_logging,
 )
 
+from ._cli import explicit_dests, resolve_device
 from . import data as gsl_data
 from .training import write_text_atomic
 
@@ -68,7 +69,6 @@ __all__ = [
     'get_args_parser',
     'main',
     'parse_args',
-    'resolve_device',
     'validate',
     'write_results',
 ]
@@ -246,14 +246,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _passed_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set[str]:
-    """The destinations the command line set, even to their default value."""
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse a command line (``sys.argv[1:]`` when None).
 
@@ -267,7 +259,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    args.passed_flags = sorted(_passed_flags(parser, argv))
+    args.passed_flags = sorted(explicit_dests(parser, argv))
     return args
 
 
@@ -278,25 +270,6 @@ def _passed(args: argparse.Namespace) -> Set[str]:
     # A namespace built in code: whatever differs from the parser's defaults counts as given.
     defaults = vars(get_args_parser().parse_args([]))
     return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device to evaluate on; a CUDA device falls back to the CPU, with a notice, when CUDA is absent.
-
-    Args:
-        name: a torch device string ('cuda', 'cuda:1', 'cpu', ...).
-
-    Returns:
-        The device.
-    """
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"Unknown --device {name!r}: expected a torch device such as 'cuda' or 'cpu' ({e}).")
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        _logger.warning(f"--device {name!r} requested but CUDA is not available: validating on the CPU.")
-        return torch.device('cpu')
-    return device
 
 
 def checkpoint_training_args(path: str) -> Dict[str, Any]:
@@ -502,7 +475,7 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, 'validating')
     if args.num_gpu > 1 and (device.type != 'cuda' or torch.cuda.device_count() < args.num_gpu):
         available = torch.cuda.device_count() if device.type == 'cuda' else 0
         raise ValueError(f'--num-gpu {args.num_gpu} needs that many CUDA devices; {available} available on '
