@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 import yaml
 from timm import utils
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, get_img_extensions
+from timm.data import resolve_data_config
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
-from timm.models import create_model, safe_model_name
+from timm.models import create_model, load_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
@@ -38,12 +39,15 @@ from timm.utils import NativeScaler
 from timm.loss import LOSS_TYPES as TIMM_LOSS_TYPES
 
 from ._cli import explicit_dests, resolve_device
-from .data import EMBEDDED_DATASET, create_dataset, dataset_class_names
+from .data import EMBEDDED_DATASET, create_dataset, dataset_class_names, is_embedded
 from .functional import GROUPINGS, LOSS_TYPES as GSL_TYPES
 from .loss_factory import create_classification_loss
 from .task import GroupSoftmaxTask
-from .training import AtomicCheckpointSaver, TrainingState, evaluate, format_summary, plot_learning_curves
-from .training import train_one_epoch, write_text_atomic
+from .hub import publish_run, repo_id_type
+from .head import classifier_layers
+from .training import AtomicCheckpointSaver, NonFiniteLossError, TrainingState, evaluate, format_summary
+from .training import check_checkpoint_fits, plot_learning_curves, read_checkpoint, train_one_epoch
+from .training import write_text_atomic
 
 __all__ = ['TRAIN_LOSSES', 'GSL_TYPE_CHOICES', 'DATA_FLAGS', 'get_args_parser', 'parse_args']
 
@@ -356,6 +360,13 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
                        help='root folder of the outputs (default: ./output/train)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
                        help='name of the run\'s sub-folder (default: date-model-size)')
+    group.add_argument('--push-to-hub', default=None, type=repo_id_type, metavar='ORG/NAME',
+                       help='after the last epoch, publish the best checkpoint to this Hugging Face Hub repo as a '
+                            'plain timm model with a model card (token: HF_TOKEN or `hf auth login`)')
+    group.add_argument('--hub-private', action='store_true', default=False,
+                       help='with --push-to-hub, create the repo private')
+    group.add_argument('--hub-revision', default=None, type=str, metavar='BRANCH',
+                       help='with --push-to-hub, commit to this branch, created when missing (default: main)')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='metric that picks the best checkpoint (default: "top1")')
     group.add_argument('--tta', type=int, default=0, metavar='N',
@@ -707,13 +718,87 @@ def _create_datasets(args: argparse.Namespace):
         # three identical channels).
         channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
         common['input_img_mode'] = 'L' if channels == 1 else 'RGB'
-    train = create_dataset(
-        args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-        num_samples=args.train_num_samples, repeats=args.epoch_repeats, **conditions, **common)
-    val = create_dataset(
-        args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-        num_samples=args.val_num_samples, **conditions, **common)
+    try:
+        train = create_dataset(
+            args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+            num_samples=args.train_num_samples, repeats=args.epoch_repeats, **conditions, **common)
+        val = create_dataset(
+            args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+            num_samples=args.val_num_samples, **conditions, **common)
+    except ValueError as e:
+        given = [f'--class-subset {args.class_subset}' if args.class_subset is not None else '',
+                 f'--samples-per-class {args.samples_per_class}' if args.samples_per_class is not None else '']
+        given = [g for g in given if g]
+        if not given:
+            raise
+        raise ValueError(f'{" with ".join(given)}: {e}') from e
     return train, val
+
+
+# Dataset names timm resolves through a reader that needs --data-dir to exist already (image folders, tars).
+_DOWNLOADING_PREFIXES = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+
+
+def _reads_local_folder(args: argparse.Namespace) -> bool:
+    name = (args.dataset or '').lower()
+    return not name.startswith(_DOWNLOADING_PREFIXES) and not is_embedded(name)
+
+
+def check_data_source(args: argparse.Namespace) -> None:
+    """Refuse a dataset root that does not exist, or an image folder with an empty class.
+
+    Args:
+        args: parsed arguments (``data``, ``data_dir``, ``dataset``).
+
+    Raises:
+        ValueError: naming ``--data-dir`` (or ``DIR``), the path and what is expected.
+    """
+    if not _reads_local_folder(args):
+        return
+    root = args.data_dir or args.data
+    flag = '--data-dir' if args.data_dir else 'DIR'
+    if not root:
+        raise ValueError(f"--dataset {args.dataset!r} reads images from a local folder or tar, but no --data-dir "
+                         f"was given; expected --data-dir PATH (or no data flag at all for the embedded set).")
+    if not os.path.exists(root):
+        raise ValueError(f"{flag} {root!r}: no such file or folder; expected an existing image folder (one "
+                         f"sub-folder per class, optionally under {args.train_split}/ and {args.val_split}/) "
+                         f"or a tar file.")
+    if os.path.isdir(root) and (args.dataset or '').lower() in ('', 'folder'):
+        for split in (args.train_split, args.val_split):
+            check_no_empty_class(_split_folder(root, split), split)
+
+
+def _split_folder(root: str, split: str) -> str:
+    try:  # the folder timm's create_dataset reads for this split (the split name or a synonym of it)
+        from timm.data.dataset_factory import _search_split
+    except ImportError:
+        return os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
+    return _search_split(root, split)
+
+
+def check_no_empty_class(folder: str, split: str) -> None:
+    """Refuse an image folder with a class sub-folder that holds no images.
+
+    timm's folder reader derives the classes from the images it finds, so an empty class folder
+    would silently vanish and shift every later class index.
+
+    Args:
+        folder: the split's folder, whose sub-folders are the classes.
+        split: the split's name, for the message.
+
+    Raises:
+        ValueError: naming ``--data-dir``, the class folder, the split and what is expected.
+    """
+    extensions = tuple(get_img_extensions(as_set=True))
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith('.'):
+            continue
+        has_image = any(f.lower().endswith(extensions) for _, _, names in os.walk(entry.path) for f in names)
+        if not has_image:
+            raise ValueError(f"--data-dir: class folder {entry.path!r} of split {split!r} holds no images "
+                             f"(extensions {sorted(extensions)}); expected at least one image per class, or remove "
+                             f"the folder.")
 
 
 def _dataset_size(dataset: Any, fallback: Optional[int]) -> Optional[int]:
@@ -731,7 +816,12 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
         args.model, pretrained=args.pretrained or bool(args.pretrained_path), pretrained_cfg_overlay=overlay,
         in_chans=in_chans, num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=drop_path,
         drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
-        scriptable=args.torchscript, checkpoint_path=args.initial_checkpoint or None, **args.model_kwargs)
+        scriptable=args.torchscript, **args.model_kwargs)
+    if args.initial_checkpoint:
+        # Loaded as timm's create_model(checkpoint_path=...) would, after checking the weights fit.
+        check_checkpoint_fits(read_checkpoint(args.initial_checkpoint, '--initial-checkpoint'), model, args.model,
+                              '--initial-checkpoint', args.initial_checkpoint)
+        load_checkpoint(model, args.initial_checkpoint)
     if args.head_init_scale is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)
@@ -746,6 +836,14 @@ def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _check_groups_fit(args: argparse.Namespace, model: nn.Module) -> None:
+    feature_size = sum(layer.weight.flatten(1).shape[1] for layer in classifier_layers(model))
+    if args.gsl_groups > feature_size:
+        raise ValueError(f'--gsl-groups {args.gsl_groups} is larger than the feature size of --model {args.model} '
+                         f'({feature_size}, the input of its classifier); expected 1 <= --gsl-groups <= '
+                         f'{feature_size}.')
 
 
 def _create_task(args: argparse.Namespace, model: nn.Module, device: torch.device, soft_targets: bool,
@@ -810,6 +908,7 @@ def build_run(args: argparse.Namespace) -> _Run:
     """
     run = _Run()
     run.args = args
+    run.updates_done = 0
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     device = utils.init_distributed_device(args)
@@ -832,13 +931,17 @@ def build_run(args: argparse.Namespace) -> _Run:
     if args.fast_norm:
         set_fast_norm()
 
+    check_data_source(args)
     dataset_train, dataset_eval = _create_datasets(args)
     run.dataset_train = dataset_train
+    names = dataset_class_names(dataset_train)
     if args.num_classes is None:
-        names = dataset_class_names(dataset_train)
         if names:
             args.num_classes = len(names)
             _logger.info(f'{args.num_classes} classes, from the training set.')
+    elif names and args.num_classes != len(names):
+        raise ValueError(f'--num-classes {args.num_classes} disagrees with the training data, which has '
+                         f'{len(names)} classes; expected --num-classes {len(names)} (or leave it unset).')
     num_train = _dataset_size(dataset_train, args.train_num_samples)
     if args.loss == 'gsl':
         requested = args.gsl_type
@@ -847,7 +950,22 @@ def build_run(args: argparse.Namespace) -> _Run:
             _logger.info(f'--gsl-type auto: Type-{args.gsl_type}, as the training set has {num_train} images '
                          f'({"below" if args.gsl_type == "II" else "at or above"} {GSL_AUTO_THRESHOLD}).')
 
+    # Read before anything is built on them: an unsafe or foreign file stops the run here.
+    resume_checkpoint = None
+    if args.resume:
+        if args.resume.lower().endswith('.safetensors'):
+            raise ValueError(f'--resume {args.resume!r}: a .safetensors file holds weights only, without the '
+                             f'optimiser, schedule and epoch a resume restores; expected a .pth.tar checkpoint of '
+                             f'train.py, or pass the file to --initial-checkpoint.')
+        resume_checkpoint = read_checkpoint(args.resume, '--resume')
     model = _create_model(args, device)
+    if args.loss == 'gsl':
+        _check_groups_fit(args, model)
+    if resume_checkpoint is not None:
+        check_checkpoint_fits(resume_checkpoint, model, args.model, '--resume', args.resume)
+        # A recovery checkpoint was written inside its epoch: continue that epoch after its last update.
+        run.updates_done = int((resume_checkpoint.get('saver') or {}).get('updates_done') or 0)
+        del resume_checkpoint
     run.model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     if utils.is_primary(args):
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
@@ -862,6 +980,10 @@ def build_run(args: argparse.Namespace) -> _Run:
     if args.distributed and args.sync_bn:
         args.dist_bn = ''
         model = convert_sync_batchnorm(model)
+        if utils.is_primary(args):
+            _logger.info('Converted BatchNorm layers to SyncBatchNorm (statistics shared by all processes).')
+    elif args.sync_bn:
+        _logger.warning('--sync-bn has no effect in a single process: BatchNorm statistics are already global.')
     if args.torchscript:
         model = torch.jit.script(model)
 
@@ -955,11 +1077,19 @@ def build_run(args: argparse.Namespace) -> _Run:
     run.start_epoch = 0
     if args.start_epoch is not None:
         run.start_epoch = args.start_epoch
+        run.updates_done = 0
     elif resume_epoch is not None:
         run.start_epoch = resume_epoch
-    if run.lr_scheduler is not None and run.start_epoch > 0:
+        if run.updates_done:
+            # timm moves a resumed run to the epoch after the checkpoint's; a recovery checkpoint's
+            # epoch is unfinished, so it is continued instead.
+            run.start_epoch -= 1
+            run.updates_done = min(run.updates_done, updates_per_epoch)
+            _logger.info(f'Resuming inside epoch {run.start_epoch}, after update {run.updates_done} of '
+                         f'{updates_per_epoch}.')
+    if run.lr_scheduler is not None and (run.start_epoch > 0 or run.updates_done):
         if args.sched_on_updates:
-            run.lr_scheduler.step_update(run.start_epoch * updates_per_epoch)
+            run.lr_scheduler.step_update(run.start_epoch * updates_per_epoch + run.updates_done)
         else:
             run.lr_scheduler.step(run.start_epoch)
     _logger.info(f'Scheduled epochs: {run.num_epochs} (starting at {run.start_epoch}); '
@@ -1035,7 +1165,8 @@ def train(run: _Run) -> Dict[str, Any]:
                     run.mixup_fn.mixup_enabled = False
                 elif getattr(run.loader_train, 'mixup_enabled', False):
                     run.loader_train.mixup_enabled = False
-            train_metrics = train_one_epoch(epoch, task, run.loader_train, state, softmax_loss_of)
+            train_metrics = train_one_epoch(epoch, task, run.loader_train, state, softmax_loss_of,
+                                            updates_done=run.updates_done if epoch == run.start_epoch else 0)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
 
@@ -1069,6 +1200,10 @@ def train(run: _Run) -> Dict[str, Any]:
                 run.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
     except KeyboardInterrupt:
         _logger.warning('Interrupted: stopping after the last completed epoch.')
+    except NonFiniteLossError:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        raise
     if wandb_run is not None:
         wandb_run.finish()
     summary = format_summary(best_metric, best_epoch, args.eval_metric, output_dir,
@@ -1076,6 +1211,8 @@ def train(run: _Run) -> Dict[str, Any]:
     if primary:
         for line in summary.splitlines():
             _logger.info(line)
+    if primary and args.push_to_hub:
+        publish_run(args, output_dir)
     return dict(best_metric=best_metric, best_epoch=best_epoch, eval_metric=args.eval_metric,
                 output_dir=output_dir, history=history, last_metrics=eval_metrics)
 
@@ -1118,4 +1255,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         run = build_run(args)
     except ValueError as e:
         get_args_parser().error(str(e))
-    return train(run)
+    try:
+        return train(run)
+    except NonFiniteLossError as e:
+        # Every process raised together (the check is collective), so all of them leave here.
+        raise SystemExit(f'train.py: error: {e}') from None
+    finally:
+        # A process group left alive until interpreter exit can abort the process while its gloo
+        # threads are torn down ("terminate called without an active exception").
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def cli() -> None:
+    """Console-script entry point ``timm-gsl-train`` (and ``python -m timm_gsl.train``): run :func:`main`.
+
+    :func:`main` returns the training summary; a console-script wrapper passes the return value to ``sys.exit``,
+    which would print it and exit with status 1. This entry point drops it, so a finished run exits
+    with status 0 and a refused command line with status 2.
+    """
+    main()
+
+
+if __name__ == '__main__':
+    # Run the imported timm_gsl.train, not this __main__ copy of it, so that every object it defines
+    # (and anything pickled from it) belongs to one module whichever way the script was started.
+    from timm_gsl.train import cli as _cli
+    _cli()

@@ -6,9 +6,11 @@ loss and reports, beside the training loss, the plain softmax cross-entropy of t
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -20,16 +22,21 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm import utils
+from timm.models import clean_state_dict
 from timm.task import TrainingTask, evaluation_sample_limit
 
 __all__ = [
     'AtomicCheckpointSaver',
+    'NonFiniteLossError',
     'TrainingState',
     'atomic_path',
     'batch_loss_scale',
+    'check_checkpoint_fits',
     'evaluate',
     'format_summary',
+    'loss_is_finite',
     'plot_learning_curves',
+    'read_checkpoint',
     'train_one_epoch',
     'write_text_atomic',
 ]
@@ -91,11 +98,41 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
 
     timm writes ``last.pth.tar`` through a temporary file but deletes the old one before the rename,
     and hard-links the others to it, falling back to a plain copy where hard links are unavailable.
-    Here every file is replaced in one rename, so a reader always finds a complete checkpoint.
+    Here every file, timm's staging files included, is written under a hidden temporary name and
+    replaced in one rename, so a process killed at any moment leaves only complete checkpoints.
+    A recovery checkpoint also records, in its ``saver`` entry, how many updates of its epoch it holds
+    (``updates_done``), so a resumed run finishes that epoch rather than skipping its remainder.
     """
+
+    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+        # timm writes its staging files ('tmp.pth.tar', 'recovery_tmp.pth.tar') in place; a kill
+        # during that write would leave a file that looks like a checkpoint but does not load.
+        with atomic_path(save_path) as tmp:
+            super()._save(tmp, epoch, metric)
 
     def _replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
+
+    def save_recovery(self, epoch: int, batch_idx: int = 0) -> None:
+        """Write a mid-epoch recovery checkpoint that records how many updates of ``epoch`` it holds.
+
+        Args:
+            epoch: the epoch in progress.
+            batch_idx: index of the update just made (0-based), as timm's loop passes it.
+        """
+        # Kept in the saver's bookkeeping, so --resume continues inside the epoch instead of skipping it.
+        self._updates_done = batch_idx + 1
+        try:
+            super().save_recovery(epoch, batch_idx)
+        finally:
+            self._updates_done = None
+
+    def state_dict(self, epoch: Optional[int] = None, metric: Optional[float] = None) -> Dict[str, Any]:
+        """timm's bookkeeping, plus ``updates_done`` (updates of the epoch) in a recovery checkpoint."""
+        state = super().state_dict(epoch, metric)
+        if getattr(self, '_updates_done', None) is not None:
+            state['updates_done'] = self._updates_done
+        return state
 
     def _duplicate(self, src: str, dst: str) -> None:
         if self.can_hardlink:
@@ -109,6 +146,95 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
                 self.can_hardlink = False
         with atomic_path(dst) as tmp:
             shutil.copy2(src, tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints someone else may have written
+# ----------------------------------------------------------------------------------------------
+
+def read_checkpoint(path: str, flag: str) -> Dict[str, Any]:
+    """Load a checkpoint without running any code it might carry.
+
+    Pickled checkpoints are read with ``torch.load(..., weights_only=True)``, which rebuilds only
+    tensors, plain containers and (as timm's checkpoints hold one) ``argparse.Namespace``; a file
+    asking for anything else is refused before a single object of it is built. ``.safetensors``
+    files hold no code at all and are read with safetensors.
+
+    Args:
+        path: the checkpoint file.
+        flag: the command-line flag that named it, for the messages (e.g. ``'--resume'``).
+
+    Returns:
+        The checkpoint as a dict; a bare state dict or a safetensors file comes back as
+        ``{'state_dict': ...}``.
+
+    Raises:
+        ValueError: the file is missing, unreadable, or carries objects other than weights; the
+            message names ``flag``, the path and what is accepted.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f'{flag} {path!r}: no such file; expected a checkpoint written by train.py (.pth.tar) '
+                         f'or a .safetensors file.')
+    if path.lower().endswith('.safetensors'):
+        from safetensors.torch import load_file
+        try:
+            return {'state_dict': load_file(path, device='cpu')}
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise ValueError(f'{flag} {path!r} is not a readable safetensors file ({e}).') from e
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if 'global' in line.lower()), 'unknown object')
+        raise ValueError(f'{flag} {path!r} was refused: it holds pickled objects other than tensors and plain '
+                         f'containers ({reason}), which could run code when loaded. Only weights_only '
+                         f'checkpoints and .safetensors files are accepted; nothing in it was run.') from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f'{flag} {path!r} is not a readable checkpoint ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0] if str(e) else ""}); expected a complete .pth.tar or '
+                         f'.safetensors file.') from e
+    if isinstance(checkpoint, dict) and ('state_dict' in checkpoint or 'model' in checkpoint):
+        return checkpoint
+    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return {'state_dict': checkpoint}
+    raise ValueError(f'{flag} {path!r} holds a {type(checkpoint).__name__} without a state dict; expected a '
+                     f'checkpoint written by train.py (with "state_dict") or a plain state dict.')
+
+
+def check_checkpoint_fits(checkpoint: Dict[str, Any], model: nn.Module, arch: str, flag: str, path: str) -> None:
+    """Refuse a checkpoint whose weights do not fit ``model``: other names or other shapes.
+
+    Args:
+        checkpoint: from :func:`read_checkpoint`.
+        model: the freshly created model the weights are for.
+        arch: the ``--model`` name, for the message (checkpoints of train.py record theirs as ``arch``).
+        flag: the flag that named the checkpoint.
+        path: its path.
+
+    Raises:
+        ValueError: naming the flag, the checkpoint's architecture and the first mismatches.
+    """
+    saved = clean_state_dict(checkpoint.get('state_dict', checkpoint.get('model')) or {})
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    reshaped = [f'{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}' for k, v in expected.items()
+                if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    saved_arch = checkpoint.get('arch')
+    if missing or unexpected or reshaped:
+        problems = []
+        if missing:
+            problems.append(f'{len(missing)} missing weight(s), e.g. {missing[:3]}')
+        if unexpected:
+            problems.append(f'{len(unexpected)} unexpected weight(s), e.g. {unexpected[:3]}')
+        if reshaped:
+            problems.append(f'{len(reshaped)} of another shape, e.g. {reshaped[:3]}')
+        raise ValueError(f'{flag} {path!r} is a checkpoint of {saved_arch or "an unknown architecture"!s}, which '
+                         f'does not fit --model {arch}: {"; ".join(problems)}. Expected a checkpoint of the same '
+                         f'architecture, number of classes and input channels.')
+    if saved_arch and saved_arch != arch:
+        _logger.warning(f'{flag} {path!r} records architecture {saved_arch!r}, not {arch!r}, but its weights fit; '
+                        f'loading them.')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +323,29 @@ class TrainingState:
         self.progress = progress
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training loss came out NaN or infinite; raised on every process together, before the step."""
+
+
+def loss_is_finite(loss: torch.Tensor, distributed: bool = False) -> bool:
+    """Whether ``loss`` is finite, on this process and, when ``distributed``, on every other one.
+
+    Under DDP all processes take part in the same reduction, so they all answer alike and stop
+    together instead of leaving the others blocked in the next gradient all-reduce.
+
+    Args:
+        loss: the batch loss (any shape).
+        distributed: agree across the default process group.
+
+    Returns:
+        True when every element is finite on every process.
+    """
+    finite = torch.isfinite(loss.detach()).all().to(torch.float32)
+    if distributed:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def batch_loss_scale(batch_size: int, base_batch_size: Optional[int], mode: str) -> float:
     """Loss multiplier for a batch whose size differs from the base size (``--variable-batch-loss-scale``).
 
@@ -252,6 +401,7 @@ def train_one_epoch(
         loader: Any,
         state: TrainingState,
         softmax_loss_of: Optional[Callable[[Dict[str, torch.Tensor]], Optional[torch.Tensor]]] = None,
+        updates_done: int = 0,
 ) -> 'OrderedDict[str, float]':
     """Train the task for one epoch, the way timm's ``train.py`` does.
 
@@ -267,10 +417,17 @@ def train_one_epoch(
         state: optimiser, scheduler, AMP and the other loop settings.
         softmax_loss_of: picks the plain softmax loss out of the task result, None where the
             loss has no softmax counterpart; default: the result's ``softmax_loss`` if present.
+        updates_done: updates of this epoch already made before an interruption (from a recovery
+            checkpoint); their batches are passed over, so the epoch still makes its planned number
+            of updates.
 
     Returns:
-        ``OrderedDict(loss=..., softmax_loss=...)``, means over the epoch's samples (``softmax_loss``
-        only when known).
+        ``OrderedDict(loss=..., softmax_loss=...)``, means over the epoch's trained samples
+        (``softmax_loss`` only when known).
+
+    Raises:
+        NonFiniteLossError: a batch loss is NaN or infinite (on any process), before its backward
+            pass and optimiser step, so the weights and the checkpoints on disk stay as they were.
     """
     softmax_loss_of = softmax_loss_of or (lambda result: result.get('softmax_loss'))
     optimizer = state.optimizer
@@ -302,6 +459,13 @@ def train_one_epoch(
         update_idx = batch_idx // accum_steps
         if batch_idx >= last_batch_idx_to_accum:
             accum_steps = last_accum_steps
+        if update_idx < updates_done:
+            if need_update:
+                num_updates += 1
+            if bar is not None:
+                bar.update(1)
+            data_start_time = update_start_time = time.time()
+            continue
         input, target = _prepare_input(input, target, state.device, state.model_dtype, state.channels_last)
         if state.mixup_fn is not None:
             input, target = state.mixup_fn(input, target)
@@ -313,6 +477,11 @@ def train_one_epoch(
             with state.amp_autocast():
                 result = task(input, target)
                 loss = result['loss']
+            if not loss_is_finite(loss, state.distributed):
+                raise NonFiniteLossError(
+                    f'Non-finite training loss ({loss.detach().float().item()} on this process) at epoch {epoch}, '
+                    f'batch {batch_idx}, update {num_updates + 1} (counted from the start of training): '
+                    f'stopped before that update; the checkpoints on disk hold the last good state.')
             scale = batch_loss_scale(input.size(0), state.base_batch_size, state.variable_batch_loss_scale)
             if scale != 1.0:
                 loss = loss * scale
@@ -393,7 +562,8 @@ def train_one_epoch(
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
 
-    metrics = OrderedDict(loss=losses_m.avg)
+    # An epoch whose updates were all made before an interruption trained nothing here: no loss to report.
+    metrics = OrderedDict(loss=losses_m.avg if losses_m.count else float('nan'))
     if softmax_losses_m.count:
         metrics['softmax_loss'] = softmax_losses_m.avg
     return metrics

@@ -761,3 +761,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dic
         write_results(args.results_file, results, format=args.results_format)
     print(f'--result\n{json.dumps(results, indent=4)}')
     return results
+
+
+def cli() -> None:
+    """Console-script entry point ``timm-gsl-validate`` (and ``python -m timm_gsl.validate``): run :func:`main`.
+
+    :func:`main` returns the results; a console-script wrapper passes the return value to ``sys.exit``,
+    which would print it and exit with status 1. This entry point drops it, so a finished run exits
+    with status 0 and a refused command line with status 2.
+    """
+    main()
+
+
+if __name__ == '__main__':
+    # Run the imported timm_gsl.validate, not this __main__ copy of it, so that every object it defines
+    # (and anything pickled from it) belongs to one module whichever way the script was started.
+    from timm_gsl.validate import cli as _cli
+    _cli()

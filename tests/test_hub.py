@@ -1,0 +1,440 @@
+"""Tests of timm_gsl/hub.py and ``python -m timm_gsl push``: publish to a Hub, load back with plain timm.
+
+The Hub is :class:`tests.hub_server.HubServer` on 127.0.0.1, driven by the real ``huggingface_hub``
+client. That client reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` when it is imported, so publishing
+and loading run in subprocesses with those variables set. The loading side runs outside the
+repository, never imports ``timm_gsl`` (checked), and refuses to unpickle anything (``torch.load`` and
+``pickle`` are disabled in it). The reference logits come from the checkpoint itself, loaded here.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+
+from timm_gsl import hub
+from timm_gsl.data import EMBEDDED_DATASET, create_dataset, dataset_class_names
+from timm_gsl.train import main as train_main
+
+from hub_server import HubServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN = 'hf_test_token'
+REPO = 'gsl-org/tiny-resnet'
+# A tiny run: timm's test_resnet on 3 embedded classes, 8 images each, 2 epochs of 2 batches.
+TINY = ['--model', 'test_resnet', '--class-subset', '3', '--samples-per-class', '8', '-b', '8',
+        '--train-batches-per-epoch', '2', '-j', '0', '--log-interval', '1', '--device', 'cpu']
+
+# Runs in the loading subprocesses: nothing may be unpickled, and timm_gsl must stay unimported.
+LOADER_PRELUDE = textwrap.dedent('''
+    import pickle, sys, torch
+    def _refuse(*a, **k):
+        raise AssertionError('a downloaded file was unpickled')
+    torch.load = pickle.load = pickle.loads = _refuse
+    def _done():
+        assert 'timm_gsl' not in sys.modules, 'timm_gsl was imported'
+''')
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def server():
+    with HubServer(token=TOKEN) as s:
+        yield s
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs')
+    result = train_main(TINY + ['--output', str(out), '--experiment', 'tiny', '--epochs', '2'])
+    return result['output_dir']
+
+
+@pytest.fixture(scope='module')
+def hf_home(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('hf_home'))
+
+
+@pytest.fixture(scope='module')
+def probe(tmp_path_factory):
+    """A fixed input batch, in a safetensors file the subprocesses read."""
+    path = str(tmp_path_factory.mktemp('probe') / 'input.safetensors')
+    safetensors.torch.save_file({'x': torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(0))}, path)
+    return path
+
+
+def _env(server, hf_home, token=TOKEN, offline=False, with_package=False):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGINGFACE_', 'PYTHONPATH'))}
+    env.update(HF_ENDPOINT=server.url, HF_HOME=hf_home, HF_HUB_DISABLE_TELEMETRY='1',
+               HF_HUB_DISABLE_PROGRESS_BARS='1', HF_HUB_OFFLINE='1' if offline else '0', OMP_NUM_THREADS='1')
+    if token:
+        env['HF_TOKEN'] = token
+    if with_package:
+        env['PYTHONPATH'] = ROOT
+    return env
+
+
+def _run(args, env, cwd):
+    return subprocess.run([sys.executable] + list(args), env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _push(server, hf_home, tmp_path, *args, **env_kwargs):
+    return _run(['-m', 'timm_gsl', 'push'] + [str(a) for a in args],
+                _env(server, hf_home, with_package=True, **env_kwargs), cwd=str(tmp_path))
+
+
+def _load_logits(server, hf_home, tmp_path, names, probe, offline=False):
+    """Eval logits of ``timm.create_model(name, pretrained=True)`` for each name, in a fresh process."""
+    out = tmp_path / f'logits-{len(os.listdir(tmp_path))}.safetensors'
+    script = LOADER_PRELUDE + textwrap.dedent(f'''
+        import safetensors.torch, timm
+        x = safetensors.torch.load_file({probe!r})['x']
+        logits = {{}}
+        for i, name in enumerate({list(names)!r}):
+            model = timm.create_model(name, pretrained=True).eval()
+            with torch.no_grad():
+                logits[str(i)] = model(x).contiguous()
+        safetensors.torch.save_file(logits, {str(out)!r})
+        _done()
+    ''')
+    done = _run(['-c', script], _env(server, hf_home, offline=offline), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = safetensors.torch.load_file(str(out))
+    return [loaded[str(i)] for i in range(len(names))]
+
+
+def _reference_logits(checkpoint, probe, architecture='test_resnet'):
+    """The checkpoint's own eval logits, built the slow, obvious way."""
+    raw = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    model = timm.create_model(architecture, num_classes=raw['args'].num_classes)
+    model.load_state_dict(raw['state_dict'])
+    with torch.no_grad():
+        return model.eval()(safetensors.torch.load_file(probe)['x'])
+
+
+def _card(text):
+    _, front, body = text.split('---\n', 2)
+    return yaml.safe_load(front), body
+
+
+def _summary_row(run_dir, epoch):
+    with open(os.path.join(run_dir, 'summary.csv'), newline='') as f:
+        return next(r for r in csv.DictReader(f) if r['epoch'] == str(epoch))
+
+
+@pytest.fixture(scope='module')
+def published(server, hf_home, run_dir, tmp_path_factory):
+    """``python -m timm_gsl push`` of the tiny run's best checkpoint to REPO."""
+    checkpoint = os.path.join(run_dir, 'model_best.pth.tar')
+    done = _push(server, hf_home, tmp_path_factory.mktemp('push'), checkpoint, '--repo-id', REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'Published {checkpoint} to {REPO}' in done.stdout
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# What is published
+# ----------------------------------------------------------------------------------------------
+
+def test_push_publishes_safetensors_timm_config_card_and_curves(server, published, run_dir):
+    files = server.files(REPO)
+    assert sorted(files) == ['README.md', 'config.json', 'learning_curves.png', 'model.safetensors']
+    weights = safetensors.torch.load(files['model.safetensors'])
+    raw = torch.load(published, map_location='cpu', weights_only=False)
+    assert weights.keys() == raw['state_dict'].keys()
+    assert all(torch.equal(weights[k], raw['state_dict'][k]) for k in weights)
+    assert files['learning_curves.png'] == open(os.path.join(run_dir, 'learning_curves.png'), 'rb').read()
+
+    config = json.loads(files['config.json'])
+    assert config['architecture'] == 'test_resnet' and config['num_classes'] == 3
+    assert 'num_classes' not in config.get('model_args', {})
+    names = dataset_class_names(create_dataset(EMBEDDED_DATASET, split='validation', class_subset=3, seed=42))
+    assert config['label_names'] == names and len(names) == 3
+    pre = config['pretrained_cfg']
+    assert (pre['input_size'], pre['mean'], pre['std'], pre['crop_pct'], pre['interpolation']) == (
+        [3, 28, 28], raw['args'].mean, raw['args'].std, 1.0, 'bilinear')
+
+
+def test_model_card_has_hub_metadata_settings_conditions_metrics_and_citation(server, published, run_dir):
+    meta, body = _card(server.files(REPO)['README.md'].decode())
+    assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0'
+    assert {'group-softmax-loss', 'timm', 'image-classification'} <= set(meta['tags'])
+    assert meta['datasets'] == ['zalando-datasets/fashion_mnist']
+    raw = torch.load(published, map_location='cpu', weights_only=False)
+    row = _summary_row(run_dir, raw['epoch'])
+    metrics = {m['name']: m['value'] for m in meta['model-index'][0]['results'][0]['metrics']}
+    assert metrics == {'Top-1 accuracy': round(float(row['eval_top1']), 4),
+                       'Top-5 accuracy': round(float(row['eval_top5']), 4)}
+    assert round(float(row['eval_top1']), 4) == round(raw['metric'], 4)
+    for text in ('Type-II', '**Groups G:** 4', '**Grouping:** discriminative', "class subset '3'",
+                 '8 training images per class', '![Learning curves](learning_curves.png)',
+                 '| 0 |', '| 1 |', 'Kobayashi, Takumi', 'python train.py', '--samples-per-class 8',
+                 '--class-subset 3', '--model test_resnet', f"timm.create_model('hf-hub:{REPO}', pretrained=True)"):
+        assert text in body, text
+
+
+def test_training_command_sets_exactly_the_non_default_training_flags():
+    from timm_gsl.train import get_args_parser
+    defaults = vars(get_args_parser().parse_args([]))
+    args = dict(defaults, model='resnet18', gsl_groups=8, mean=[0.5, 0.4, 0.3], pin_mem=True, no_aug=True,
+                model_kwargs={'drop_rate': 0.1}, output='/somewhere', push_to_hub='a/b')
+    command = hub.training_command(args)
+    assert command == ('python train.py --model resnet18 --mean 0.5 0.4 0.3 --model-kwargs drop_rate=0.1 '
+                       '--no-aug --gsl-groups 8')
+    parsed = get_args_parser().parse_args(command.split()[2:])
+    assert (parsed.model, parsed.gsl_groups, parsed.mean, parsed.no_aug, parsed.model_kwargs) == (
+        'resnet18', 8, [0.5, 0.4, 0.3], True, {'drop_rate': 0.1})
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading back, without timm_gsl
+# ----------------------------------------------------------------------------------------------
+
+def test_hub_and_local_dir_give_the_checkpoints_logits_then_offline_from_cache(
+        server, hf_home, published, probe, tmp_path):
+    local = tmp_path / 'exported'
+    hub.export_checkpoint(published, str(local), repo_id=REPO)
+    assert sorted(os.listdir(local)) == ['README.md', 'config.json', 'learning_curves.png', 'model.safetensors']
+    reference = _reference_logits(published, probe)
+    from_hub, from_dir = _load_logits(server, hf_home, tmp_path, [f'hf-hub:{REPO}', f'local-dir:{local}'], probe)
+    assert torch.equal(from_hub, reference) and torch.equal(from_dir, reference)
+    downloads = {p for m, p in server.requests if '/resolve/' in p}
+    assert downloads == {f'/{REPO}/resolve/main/config.json', f'/{REPO}/resolve/main/model.safetensors'}
+
+    before = len(server.requests)
+    (offline,) = _load_logits(server, hf_home, tmp_path, [f'hf-hub:{REPO}'], probe, offline=True)
+    assert torch.equal(offline, reference)
+    assert len(server.requests) == before  # served from the cache the download left
+
+
+def test_validate_on_the_hub_model_reports_the_cards_top1(server, hf_home, published, tmp_path):
+    meta, body = _card(server.files(REPO)['README.md'].decode())
+    card_top1 = meta['model-index'][0]['results'][0]['metrics'][0]['value']
+    command = body.split('```bash\npython validate.py ')[1].split('\n')[0].split()
+    done = _run([os.path.join(ROOT, 'validate.py')] + command + ['--device', 'cpu', '-j', '0'],
+                _env(server, hf_home, with_package=True), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.split('--result\n')[1])
+    assert results['top1'] == card_top1
+
+
+def test_train_fine_tunes_from_the_hub_model_and_pushes_the_result(server, hf_home, published, probe, tmp_path):
+    # A learning rate of ~0: the fine-tuned weights must be the published ones, not a fresh init.
+    done = _run([os.path.join(ROOT, 'train.py')] + TINY + [
+        '--model', f'hf-hub:{REPO}', '--pretrained', '--epochs', '1', '--lr', '1e-12', '--warmup-epochs', '0',
+        '--min-lr', '0', '--warmup-lr', '0', '--weight-decay', '0', '--output', str(tmp_path), '--experiment', 'ft',
+        '--push-to-hub', f'{REPO}-ft', '--hub-revision', 'candidate'], _env(server, hf_home, with_package=True), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert server.files(f'{REPO}-ft', 'main') == {}  # the branch was committed to, not main
+    files = server.files(f'{REPO}-ft', 'candidate')
+    config = json.loads(files['config.json'])
+    assert config['architecture'] == 'test_resnet'  # the base architecture, not the hf-hub: name
+    start = safetensors.torch.load(server.files(REPO)['model.safetensors'])
+    tuned = safetensors.torch.load(files['model.safetensors'])
+    conv = [k for k in start if k.endswith('conv.weight') or k.endswith('conv1.weight') or k == 'fc.weight']
+    assert conv and all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in conv)
+    meta, body = _card(files['README.md'].decode())
+    assert f'--model hf-hub:{REPO}' in body and '--pretrained' in body
+    (logits,) = _load_logits(server, hf_home, tmp_path, [f'hf-hub:{REPO}-ft@candidate'], probe)
+    assert torch.equal(logits, _reference_logits(os.path.join(tmp_path, 'ft', 'model_best.pth.tar'), probe))
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults and bad input
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('fault', ['fail_commits', 'drop_commits'])
+def test_failed_commit_reports_nothing_published_and_a_retry_succeeds(
+        server, hf_home, published, tmp_path, fault):
+    repo = f'gsl-org/retry-{fault.split("_")[0]}'
+    commit_path = f'/api/models/{repo}/commit/main'
+    # huggingface_hub itself retries a failed commit (5 times, backing off): the fault outlasts that.
+    # Its back-off sleeps are skipped so the test does not wait them out.
+    setattr(server, fault, 1000)
+    script = ('import sys, time; time.sleep = lambda seconds: None; from timm_gsl.__main__ import main; '
+              f'sys.exit(main(["push", {published!r}, "--repo-id", {repo!r}]))')
+    failed = _run(['-c', script], _env(server, hf_home, with_package=True), cwd=str(tmp_path))
+    setattr(server, fault, 0)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert f"to '{repo}' failed" in failed.stderr and 'Nothing was committed' in failed.stderr
+    assert 'Published' not in failed.stdout
+    assert server.requests.count(('POST', commit_path)) == 6
+    assert server.files(repo) == {} and server.commit_count(repo) == 1  # only the empty initial commit
+    retried = _push(server, hf_home, tmp_path, published, '--repo-id', repo)
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert f'Published {published} to {repo}' in retried.stdout
+    files, reference = server.files(repo), server.files(REPO)
+    assert sorted(files) == sorted(reference)
+    assert all(files[k] == reference[k] for k in files if k != 'README.md')  # the card names its repo
+
+
+def test_missing_token_is_refused_before_any_request(server, hf_home, published, tmp_path):
+    before = len(server.requests)
+    done = _push(server, str(tmp_path / 'empty_home'), tmp_path, published, '--repo-id', 'gsl-org/no-token',
+                 token=None)
+    assert done.returncode == 1 and 'no Hugging Face token' in done.stderr
+    assert len(server.requests) == before
+
+
+def _no_network(monkeypatch):
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the Hub was contacted')
+    monkeypatch.setattr(huggingface_hub.HfApi, '__init__', refuse)
+
+
+@pytest.mark.parametrize('repo_id', ['no-slash', 'a/b/c', 'org/bad name', 'org/-x', 'org/a--b', '', 'org/x.'])
+def test_malformed_repo_id_is_refused(repo_id, monkeypatch, published):
+    _no_network(monkeypatch)
+    with pytest.raises(ValueError, match=r'Invalid repo_id .*expected .ORG/NAME'):
+        hub.push_checkpoint(published, repo_id, token='t')
+    with pytest.raises(SystemExit) as exit_info:
+        from timm_gsl.__main__ import main
+        main(['push', published, '--repo-id', repo_id])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        from timm_gsl.train import parse_args
+        parse_args(['--push-to-hub', repo_id])
+    assert exit_info.value.code == 2
+
+
+def test_checkpoints_that_are_not_timm_checkpoints_are_refused(tmp_path, monkeypatch, published):
+    _no_network(monkeypatch)
+    raw = torch.load(published, map_location='cpu', weights_only=False)
+    cases = {
+        'bare_state_dict.pth': (raw['state_dict'], 'records no training arguments'),
+        'other.pth': ({'weights': [1, 2]}, 'without a state dict'),
+        # (training.read_checkpoint reports a text file as refused pickled content; either way it stops.)
+        'text.pth': (None, "text.pth' (was refused|is not a readable)"),
+        'unknown_arch.pth': (dict(raw, args=dict(vars(raw['args']), model='no_such_net_xyz')),
+                             "unknown architecture 'no_such_net_xyz'"),
+        'wrong_classes.pth': (dict(raw, args=dict(vars(raw['args']), num_classes=7)), 'do not fit'),
+    }
+    for name, (content, message) in cases.items():
+        path = str(tmp_path / name)
+        if content is None:
+            open(path, 'w').write('not a checkpoint')
+        else:
+            torch.save(content, path)
+        with pytest.raises(ValueError, match=message):
+            hub.push_checkpoint(path, 'gsl-org/bad', token='t')
+    with pytest.raises(ValueError, match='no such file'):
+        hub.push_checkpoint(str(tmp_path / 'missing.pth'), 'gsl-org/bad', token='t')
+
+
+def test_checkpoint_with_foreign_pickled_objects_is_refused_unrun(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    path = str(tmp_path / 'evil.pth')
+    torch.save({'state_dict': {}, 'args': {'model': 'test_resnet'}, 'extra': _Foreign()}, path)
+    with pytest.raises(ValueError, match='refused'):
+        hub.push_checkpoint(path, 'gsl-org/bad', token='t')
+
+
+class _Foreign:
+    pass
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_no_partial_folder(published, tmp_path):
+    target = tmp_path / 'taken'
+    target.mkdir()
+    (target / 'x').write_text('x')
+    with pytest.raises(ValueError, match='output_dir'):
+        hub.export_checkpoint(published, str(target))
+    bad = tmp_path / 'bad.pth'
+    torch.save({'weights': 1}, str(bad))
+    with pytest.raises(ValueError):
+        hub.export_checkpoint(str(bad), str(tmp_path / 'new'))
+    assert sorted(os.listdir(tmp_path)) == ['bad.pth', 'taken']
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# ----------------------------------------------------------------------------------------------
+
+def test_transformers_model_and_pipeline_match_timm(server, hf_home, published, probe, tmp_path):
+    pytest.importorskip('transformers')
+    out = str(tmp_path / 'transformers.json')
+    script = LOADER_PRELUDE + textwrap.dedent(f'''
+        import json, numpy as np, safetensors.torch, timm
+        from PIL import Image
+        from transformers import AutoModelForImageClassification, pipeline
+        x = safetensors.torch.load_file({probe!r})['x']
+        model = timm.create_model('hf-hub:{REPO}', pretrained=True).eval()
+        wrapped = AutoModelForImageClassification.from_pretrained('{REPO}').eval()
+        with torch.no_grad():
+            ours, theirs = model(x), wrapped(pixel_values=x).logits
+            diff = (ours - theirs).abs().max().item()
+            # transformers runs on the weights where it memory-maps them; oneDNN's kernels can round
+            # differently at other alignments. In freshly allocated memory they must give timm's bits.
+            for tensor in list(wrapped.parameters()) + list(wrapped.buffers()):
+                tensor.data = tensor.data.clone()
+            same = torch.equal(wrapped(pixel_values=x).logits, ours)
+        image = Image.fromarray((np.random.default_rng(0).random((40, 36, 3)) * 255).astype('uint8'))
+        config = timm.data.resolve_data_config({{}}, model=model)
+        with torch.no_grad():
+            probs = model(timm.data.create_transform(**config)(image).unsqueeze(0)).softmax(-1)[0]
+        predictions = pipeline('image-classification', model='{REPO}', top_k=3)(image)
+        json.dump(dict(same=same, diff=diff, labels=wrapped.config.id2label, predictions=predictions,
+                       probs=probs.tolist()), open({out!r}, 'w'))
+        _done()
+    ''')
+    done = _run(['-c', script], _env(server, hf_home), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.load(open(out))
+    assert result['same'] and result['diff'] <= 1e-6, result['diff']
+    names = json.loads(server.files(REPO)['config.json'])['label_names']
+    assert [result['labels'][str(i)] for i in range(3)] == names
+    expected = sorted(zip(result['probs'], names), reverse=True)
+    assert [p['label'] for p in result['predictions']] == [n for _, n in expected]
+    assert [p['score'] for p in result['predictions']] == pytest.approx([p for p, _ in expected], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The test Hub itself, through the real client
+# ----------------------------------------------------------------------------------------------
+
+def test_test_hub_answers_the_clients_listing_info_whoami_and_error_calls(server, hf_home, published, tmp_path):
+    script = textwrap.dedent(f'''
+        import json
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+        api = HfApi()
+        info = api.model_info({REPO!r}, revision='main')
+        errors = []
+        for call in (lambda: hf_hub_download({REPO!r}, 'missing.txt'),
+                     lambda: hf_hub_download('gsl-org/no-such-repo', 'config.json'),
+                     lambda: hf_hub_download({REPO!r}, 'config.json', revision='no-such-branch')):
+            try:
+                call()
+                errors.append(None)
+            except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
+                errors.append(type(e).__name__)
+        print(json.dumps(dict(
+            user=api.whoami()['name'], sha=info.sha, siblings=sorted(s.rfilename for s in info.siblings),
+            tree=sorted((f.path, f.size) for f in api.list_repo_tree({REPO!r})),
+            files=api.list_repo_files({REPO!r}), exists=[api.file_exists({REPO!r}, 'config.json'),
+                                                         api.file_exists({REPO!r}, 'nope.bin')],
+            errors=errors)))
+    ''')
+    done = _run(['-c', script], _env(server, hf_home), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    files = server.files(REPO)
+    assert result['user'] == 'tester'
+    assert result['sha'] == server.repos[('model', REPO)].branches['main']
+    assert result['siblings'] == sorted(files) == sorted(result['files'])
+    assert result['tree'] == sorted([p, len(c)] for p, c in files.items())
+    assert result['exists'] == [True, False]
+    assert result['errors'] == ['RemoteEntryNotFoundError', 'RepositoryNotFoundError', 'RevisionNotFoundError']

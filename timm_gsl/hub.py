@@ -1,0 +1,607 @@
+"""Publishing to the Hugging Face Hub: a checkpoint of our ``train.py`` becomes a plain timm model repo.
+
+A model trained with the group softmax loss predicts with its ordinary linear classifier (SPEC.md,
+Inference), so what we publish is an ordinary timm export, loadable with
+``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` by anyone, without ``timm_gsl``:
+
+* ``model.safetensors``: the weights (never a pickle);
+* ``config.json``: timm's own (:func:`timm.models.save_for_hf`) with the class names and the training
+  preprocessing (input size, mean, std, crop), and without ``num_classes`` inside ``model_args`` (timm
+  reads it from the top level; Hugging Face transformers passes it again and fails on the duplicate);
+* ``README.md``: a model card with Hub metadata, the group softmax settings, the data conditions, the
+  evaluation (from ``summary.csv`` beside the checkpoint), the training command and the citation;
+* ``learning_curves.png`` when ``train.py`` wrote one beside the checkpoint.
+
+Everything that can be checked locally (repo id, token, checkpoint, architecture) is checked before
+the first request to the Hub.
+
+Examples:
+    >>> from timm_gsl.hub import push_checkpoint
+    >>> url = push_checkpoint('output/train/run/model_best.pth.tar', 'my-org/resnet50-gsl')
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import timm
+from timm.data import resolve_data_config
+from timm.models import clean_state_dict, save_for_hf
+
+from . import data as gsl_data
+from .head import is_converted, unconvert_model
+from .training import atomic_path, read_checkpoint
+
+__all__ = [
+    'CITATION',
+    'HubPublishError',
+    'build_model',
+    'TrainingCheckpoint',
+    'check_repo_id',
+    'export_checkpoint',
+    'model_card',
+    'publish_run',
+    'push_checkpoint',
+    'load_training_checkpoint',
+    'repo_id_type',
+    'training_command',
+]
+
+_logger = logging.getLogger(__name__)
+
+CITATION = """@inproceedings{kobayashi2021group,
+  title     = {Group Softmax Loss with Discriminative Feature Grouping},
+  author    = {Kobayashi, Takumi},
+  booktitle = {Proceedings of the IEEE/CVF Winter Conference on Applications of Computer Vision (WACV)},
+  year      = {2021}
+}"""
+
+# The Hub's rule for a repo name: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
+_REPO_PART = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
+# Files the export may hold, in the order the card lists them.
+WEIGHTS_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+CARD_FILE = 'README.md'
+CURVES_FILE = 'learning_curves.png'
+SUMMARY_FILE = 'summary.csv'
+# The Hub dataset the embedded subset comes from, for the card's `datasets` metadata.
+_EMBEDDED_HUB_DATASET = 'zalando-datasets/fashion_mnist'
+# train.py options that say where a run goes or how it is published, not how it trains.
+_NOT_TRAINING_FLAGS = frozenset({
+    'config', 'data', 'device', 'output', 'experiment', 'resume', 'no_resume_opt', 'local_rank', 'log_wandb',
+    'wandb_project', 'wandb_tags', 'wandb_resume_id', 'push_to_hub', 'hub_private', 'hub_revision',
+    'log_interval', 'save_images', 'workers', 'pin_mem',
+})
+
+
+class HubPublishError(RuntimeError):
+    """The Hub refused or dropped the upload; nothing was published by this call (retrying is safe)."""
+
+
+class TrainingCheckpoint:
+    """What a checkpoint of our ``train.py`` holds, read without unpickling arbitrary objects.
+
+    Args:
+        path: the checkpoint file.
+        state_dict: the model weights (EMA weights when asked for and present).
+        args: the training arguments (``argparse.Namespace`` as a dict).
+        epoch: the epoch it was saved after, or None.
+        metric: the value of the training's ``--eval-metric`` at that epoch, or None.
+        used_ema: whether ``state_dict`` holds the EMA weights.
+    """
+
+    def __init__(self, path: str, state_dict: Dict[str, torch.Tensor], args: Dict[str, Any],
+                 epoch: Optional[int], metric: Optional[float], used_ema: bool):
+        self.path = path
+        self.state_dict = state_dict
+        self.args = args
+        self.epoch = epoch
+        self.metric = metric
+        self.used_ema = used_ema
+
+    @property
+    def model_name(self) -> str:
+        """The name the model was created with (``args.model``)."""
+        return self.args['model']
+
+
+def check_repo_id(repo_id: Any) -> str:
+    """Check a Hub repo id of the form ``ORG/NAME``.
+
+    Args:
+        repo_id: the id to check.
+
+    Returns:
+        ``repo_id``, unchanged.
+
+    Raises:
+        ValueError: ``repo_id`` is not ``ORG/NAME`` with Hub-valid parts.
+    """
+    allowed = ("expected 'ORG/NAME': two parts of letters, digits, '-', '_' or '.', not starting with "
+               "'-' or '.', without '--' or '..', at most 96 characters each")
+    parts = repo_id.split('/') if isinstance(repo_id, str) else []
+    if len(parts) != 2 or not all(_REPO_PART.match(p) and len(p) <= 96 and '--' not in p and '..' not in p
+                                  and not p.endswith(('.', '-')) for p in parts):
+        raise ValueError(f'Invalid repo_id {repo_id!r}: {allowed}.')
+    return repo_id
+
+
+def repo_id_type(value: str) -> str:
+    """``argparse`` type of ``--push-to-hub`` / ``--repo-id``: the checks of :func:`check_repo_id`.
+
+    Args:
+        value: the option's text.
+
+    Returns:
+        The repo id.
+    """
+    try:
+        return check_repo_id(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckpoint:
+    """Read a timm training checkpoint without running any code it might carry.
+
+    Reading is :func:`timm_gsl.training.read_checkpoint`'s (``torch.load(weights_only=True)``: tensors,
+    plain containers and ``argparse.Namespace`` only); this adds the checks that it is a *training*
+    checkpoint, one that names its model.
+
+    Args:
+        path: a ``.pth.tar`` / ``.pth`` written by our (or timm's) ``train.py``.
+        use_ema: take ``state_dict_ema`` when the checkpoint has one.
+
+    Returns:
+        The checkpoint.
+
+    Raises:
+        ValueError: the file is missing, unreadable, holds other objects, or is not a timm training
+            checkpoint (a dict with ``state_dict`` and the training ``args`` naming the model).
+    """
+    raw = read_checkpoint(path, 'checkpoint')
+    expected = ("expected a timm training checkpoint: a dict with 'state_dict' (name -> tensor) and 'args' "
+                "(the training arguments, with 'model')")
+    if not isinstance(raw.get('state_dict'), dict):
+        found = sorted(map(str, raw))[:8]
+        raise ValueError(f'checkpoint {path!r} is not a timm checkpoint (found {found}): {expected}.')
+    args = raw.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(args, dict) or not isinstance(args.get('model'), str) or not args['model']:
+        raise ValueError(f'checkpoint {path!r} records no training arguments naming the model: {expected}.')
+    used_ema = bool(use_ema and isinstance(raw.get('state_dict_ema'), dict))
+    if use_ema and not used_ema:
+        _logger.warning(f'checkpoint {path!r} has no EMA weights: publishing its model weights.')
+    state_dict = raw['state_dict_ema' if used_ema else 'state_dict']
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"checkpoint {path!r}: 'state_dict' holds values other than tensors: {expected}.")
+    # Weights saved from a DistributedDataParallel or compiled model carry a prefix.
+    state_dict = clean_state_dict(state_dict)
+    metric = raw.get('metric')
+    return TrainingCheckpoint(path, state_dict, dict(args), raw.get('epoch'),
+                              float(metric) if isinstance(metric, (int, float)) else None, used_ema)
+
+
+def _in_chans(args: Dict[str, Any]) -> int:
+    if args.get('in_chans') is not None:
+        return int(args['in_chans'])
+    return int(args['input_size'][0]) if args.get('input_size') else 3
+
+
+def build_model(checkpoint: TrainingCheckpoint) -> nn.Module:
+    """The trained model, as an ordinary timm model in eval mode, weights loaded strictly.
+
+    Raises:
+        ValueError: timm does not know the architecture, or the weights do not fit it.
+    """
+    args = checkpoint.args
+    name = checkpoint.model_name
+    prefix = name.split(':')[0] if ':' in name else ''
+    if not prefix and not timm.is_model(name):
+        raise ValueError(f'checkpoint {checkpoint.path!r}: unknown architecture {name!r}; timm has no model of '
+                         f'that name (timm {timm.__version__}; see timm.list_models()).')
+    kwargs = dict(args.get('model_kwargs') or {})
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=args.get('num_classes'),
+                                  in_chans=_in_chans(args), global_pool=args.get('gp'), **kwargs)
+    except (RuntimeError, ValueError, TypeError, OSError) as e:
+        raise ValueError(f'checkpoint {checkpoint.path!r}: cannot create architecture {name!r} '
+                         f'({type(e).__name__}: {e}).') from e
+    if is_converted(model):
+        model = unconvert_model(model)
+    try:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f'checkpoint {checkpoint.path!r}: its weights do not fit {name!r} with '
+                         f'num_classes={args.get("num_classes")} ({e}).') from e
+    return model.eval()
+
+
+def _class_names(args: Dict[str, Any], num_classes: int) -> Optional[List[str]]:
+    """The names of the classes the model predicts, in label order, when the dataset records them."""
+    dataset = args.get('dataset') or ''
+    root = args.get('data_dir') or args.get('data')
+    if not gsl_data.is_embedded(dataset) and not root:
+        return None
+    try:
+        val = gsl_data.create_dataset(
+            dataset, root=root, split=args.get('val_split') or 'validation', is_training=False,
+            class_subset=args.get('class_subset'), samples_per_class=args.get('samples_per_class'),
+            seed=args.get('seed', 42), class_map=args.get('class_map') or '')
+        names = gsl_data.dataset_class_names(val)
+    except Exception as e:  # the data may live on the training machine only
+        _logger.warning(f'No class names for the card: the dataset {dataset or root!r} cannot be read here ({e}).')
+        return None
+    return names if names and len(names) == num_classes else None
+
+
+def _evaluation(checkpoint: TrainingCheckpoint) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
+    """The checkpoint's epoch metrics and every evaluated epoch, from ``summary.csv`` beside it."""
+    summary = os.path.join(os.path.dirname(os.path.abspath(checkpoint.path)), SUMMARY_FILE)
+    rows: List[Dict[str, str]] = []
+    if os.path.isfile(summary):
+        with open(summary, newline='') as f:
+            rows = [r for r in csv.DictReader(f) if r.get('eval_top1') not in (None, '')]
+    final: Dict[str, float] = {}
+    for row in rows:
+        if checkpoint.epoch is not None and row.get('epoch') == str(checkpoint.epoch):
+            final = {k[len('eval_'):]: float(v) for k, v in row.items() if k.startswith('eval_') and v != ''}
+    if not final and checkpoint.metric is not None and checkpoint.args.get('eval_metric', 'top1') == 'top1':
+        final = {'top1': checkpoint.metric}
+    return final, rows
+
+
+def training_command(args: Dict[str, Any]) -> str:
+    """The ``train.py`` command line that sets every training option ``args`` holds away from its default.
+
+    Args:
+        args: training arguments (a checkpoint's ``args``).
+
+    Returns:
+        ``python train.py --flag value ...``, shell-quoted.
+    """
+    from .train import get_args_parser  # the parser is the source of the flags and their defaults
+    words = ['python', 'train.py']
+    for action in get_args_parser()._actions:
+        dest = action.dest
+        if not action.option_strings or dest in _NOT_TRAINING_FLAGS or dest not in args:
+            continue
+        value = args[dest]
+        if value == action.default or value is None:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            words += [flag] if value else []
+        elif isinstance(value, dict):
+            words += [flag] + [f'{k}={v}' for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            words += [flag] + [str(v) for v in value]
+        else:
+            words += [flag, str(value)]
+    return ' '.join(shlex.quote(w) for w in words)
+
+
+def _data_description(args: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+    """A readable dataset name and the Hub dataset id, when known."""
+    dataset = args.get('dataset') or ''
+    if gsl_data.is_embedded(dataset):
+        return 'Fashion-MNIST (the subset embedded in timm-gsl)', _EMBEDDED_HUB_DATASET
+    if dataset.startswith(('hfds/', 'hfids/')):
+        name = dataset.split('/', 1)[1]
+        return name, name
+    if dataset:
+        return dataset, None
+    folder = args.get('data_dir') or args.get('data') or ''
+    return f'image folder {os.path.basename(os.path.normpath(folder))!r}' if folder else 'unknown', None
+
+
+def _fmt(value: float) -> str:
+    return f'{value:.2f}'
+
+
+def model_card(
+        repo_id: str,
+        checkpoint: TrainingCheckpoint,
+        model: nn.Module,
+        config: Dict[str, Any],
+        license: str = 'apache-2.0',
+        learning_curves: bool = False,
+) -> str:
+    """The ``README.md`` of a published checkpoint: Hub metadata, settings, data, evaluation, usage, citation.
+
+    Args:
+        repo_id: ``ORG/NAME`` the card is for.
+        checkpoint: the published checkpoint.
+        model: the model built from it.
+        config: the exported ``config.json`` content.
+        license: the Hub license id.
+        learning_curves: whether ``learning_curves.png`` is published beside the card.
+
+    Returns:
+        The card's text.
+    """
+    from huggingface_hub import EvalResult, ModelCardData
+
+    args = checkpoint.args
+    final, rows = _evaluation(checkpoint)
+    data_name, hub_dataset = _data_description(args)
+    architecture = config['architecture']
+    subset = args.get('class_subset')
+    conditions = f'{config["num_classes"]} classes'
+    if subset not in (None, ''):
+        conditions += f' (class subset {subset!r} drawn with seed {args.get("seed")})'
+    per_class = args.get('samples_per_class')
+    conditions += f', {per_class} training images per class' if per_class else ', every training image'
+    split = args.get('val_split') or 'validation'
+    eval_results = []
+    for key, name in (('top1', 'Top-1 accuracy'), ('top5', 'Top-5 accuracy')):
+        if key in final:
+            eval_results.append(EvalResult(
+                task_type='image-classification', task_name='Image Classification',
+                dataset_type=hub_dataset or data_name, dataset_name=f'{data_name}: {conditions}',
+                dataset_split=split, metric_type='accuracy' if key == 'top1' else 'top_5_accuracy',
+                metric_name=name, metric_value=round(final[key], 4)))
+    tags = ['image-classification', 'timm', 'group-softmax-loss', 'timm-gsl']
+    card_data = ModelCardData(
+        library_name='timm', license=license, tags=tags, pipeline_tag='image-classification',
+        datasets=[hub_dataset] if hub_dataset else None, model_name=repo_id.split('/')[-1],
+        eval_results=eval_results or None)
+    loss = args.get('loss', 'gsl')
+    pre = config['pretrained_cfg']
+    input_size = 'x'.join(str(s) for s in pre['input_size'])
+    params = sum(p.numel() for p in model.parameters())
+    lines = [
+        '---', card_data.to_yaml(), '---', '',
+        f'# {repo_id.split("/")[-1]}', '',
+        f'A timm `{architecture}` image classifier trained with the group softmax loss with discriminative '
+        'feature grouping (Kobayashi, WACV 2021) using timm-gsl. '
+        'The loss only shapes training: the model predicts with its ordinary linear classifier, so it is a '
+        'plain timm model and loads without timm-gsl.', '',
+        '## Model details', '',
+        f'- **Architecture:** `{architecture}` ({params / 1e6:.2f}M parameters)',
+        f'- **Classes:** {config["num_classes"]}'
+        + (f' ({", ".join(config["label_names"])})' if config.get('label_names') else ''),
+        f'- **Input:** {input_size}, mean {pre.get("mean")}, std {pre.get("std")}, '
+        f'crop {pre.get("crop_pct")} ({pre.get("interpolation")})',
+        f'- **Weights:** {"EMA weights" if checkpoint.used_ema else "model weights"} after epoch '
+        f'{checkpoint.epoch} (the best by {args.get("eval_metric", "top1")})',
+        '', '## Training loss', '',
+    ]
+    if loss == 'gsl':
+        lines += [
+            f'- **Loss:** group softmax loss, Type-{args.get("gsl_type")}',
+            f'- **Groups G:** {args.get("gsl_groups")}',
+            f'- **Grouping:** {args.get("gsl_grouping")}',
+            f'- **Label smoothing:** {args.get("smoothing")}',
+        ]
+    else:
+        lines += [f'- **Loss:** `{loss}` (a baseline run, not the group softmax loss)']
+    lines += [
+        '', '## Training data', '',
+        f'- **Dataset:** {data_name}',
+        f'- **Conditions:** {conditions}',
+        f'- **Evaluated on:** the `{split}` split, same classes',
+        '', '## Evaluation', '',
+    ]
+    if final:
+        lines += ['| metric | value |', '|---|---|']
+        lines += [f'| {name} | {_fmt(final[key])} |' for key, name in
+                  (('top1', 'top-1 accuracy (%)'), ('top5', 'top-5 accuracy (%)'), ('loss', 'loss'))
+                  if key in final]
+        lines.append('')
+    if rows:
+        lines += ['Every evaluated epoch:', '', '| epoch | train loss | eval loss | top-1 | top-5 |',
+                  '|---|---|---|---|---|']
+        for row in rows:
+            lines.append('| ' + ' | '.join([row['epoch']] + [
+                _fmt(float(row[k])) if row.get(k) not in (None, '') else '' for k in
+                ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5')]) + ' |')
+        lines.append('')
+    if not final and not rows:
+        lines += ['No evaluation was recorded with this checkpoint.', '']
+    if learning_curves:
+        lines += ['## Learning curves', '', f'![Learning curves]({CURVES_FILE})', '']
+    hub_name = f'hf-hub:{repo_id}'
+    validate = ['python', 'validate.py', '--model', hub_name]
+    if not gsl_data.is_embedded(args.get('dataset') or ''):
+        validate += ['--dataset', args.get('dataset') or '', '--data-dir', str(args.get('data_dir') or 'DIR')]
+    if subset not in (None, ''):
+        validate += ['--class-subset', str(subset), '--seed', str(args.get('seed'))]
+    lines += [
+        '## Usage', '',
+        '```python',
+        'import timm',
+        'import torch',
+        '',
+        f"model = timm.create_model('{hub_name}', pretrained=True).eval()",
+        'config = timm.data.resolve_data_config({}, model=model)',
+        'transform = timm.data.create_transform(**config)',
+        'with torch.no_grad():',
+        '    probabilities = model(transform(image).unsqueeze(0)).softmax(dim=-1)  # image: a PIL image',
+        '```', '',
+        'Evaluate it again (timm-gsl\'s `validate.py`, same data conditions):', '',
+        '```bash', ' '.join(shlex.quote(w) for w in validate), '```', '',
+        'Fine-tune it with timm-gsl\'s `train.py` (the paper\'s Food-101 fine-tuning schedule: lr 0.0045, '
+        'divided by 10 at epochs 30, 60 and 90 of 120):', '',
+        '```bash', f'python train.py --model {hub_name} --pretrained --dataset hfds/ethz/food101 '
+        '--num-classes 101 --img-size 224 '
+        f'--loss gsl --gsl-type {args.get("gsl_type") or "II"} --gsl-groups {args.get("gsl_groups") or 4} '
+        '--opt sgd --momentum 0.9 --weight-decay 1e-4 -b 256 --lr 0.0045 --sched multistep '
+        '--decay-milestones 30 60 90 --decay-rate 0.1 --epochs 120 --warmup-epochs 0', '```', '',
+        '## Training command', '',
+        '```bash', training_command(args), '```', '',
+        '## Citation', '',
+        '```bibtex', CITATION, '```', '',
+    ]
+    return '\n'.join(lines)
+
+
+def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: str, license: str) -> List[str]:
+    """Write the published files of ``checkpoint`` into the empty ``folder``; return their names."""
+    model = build_model(checkpoint)
+    args = checkpoint.args
+    data_config = resolve_data_config(args, model=model)
+    labels = _class_names(args, model.num_classes)
+    save_for_hf(model, folder, model_config=dict(label_names=labels) if labels else None,
+                safe_serialization=True, data_config=data_config)
+    config_path = os.path.join(folder, CONFIG_FILE)
+    with open(config_path) as f:
+        config = json.load(f)
+    # The top-level num_classes builds the classifier; a second copy among the reconstruction
+    # arguments makes transformers' TimmWrapper pass it twice.
+    model_args = config.get('model_args') or {}
+    model_args.pop('num_classes', None)
+    model_args.pop('base_model', None)
+    # The source weights' tag and license describe weights this checkpoint does not hold.
+    config['pretrained_cfg'].pop('tag', None)
+    config['pretrained_cfg']['license'] = license
+    if model_args:
+        config['model_args'] = model_args
+    else:
+        config.pop('model_args', None)
+    with atomic_path(config_path) as tmp, open(tmp, 'w') as f:
+        json.dump(config, f, indent=2)
+    files = [WEIGHTS_FILE, CONFIG_FILE]
+    curves = os.path.join(os.path.dirname(os.path.abspath(checkpoint.path)), CURVES_FILE)
+    if os.path.isfile(curves):
+        shutil.copyfile(curves, os.path.join(folder, CURVES_FILE))
+        files.append(CURVES_FILE)
+    card = model_card(repo_id, checkpoint, model, config, license=license, learning_curves=CURVES_FILE in files)
+    with open(os.path.join(folder, CARD_FILE), 'w', encoding='utf-8') as f:
+        f.write(card)
+    files.append(CARD_FILE)
+    return files
+
+
+def export_checkpoint(
+        checkpoint: str,
+        output_dir: str,
+        repo_id: Optional[str] = None,
+        use_ema: bool = False,
+        license: str = 'apache-2.0',
+) -> List[str]:
+    """Write what :func:`push_checkpoint` would publish into a local folder (``local-dir:`` loadable).
+
+    The folder appears complete or not at all: it is written under a temporary name and renamed.
+
+    Args:
+        checkpoint: a checkpoint of our ``train.py``.
+        output_dir: the folder to create (must not exist, or be empty).
+        repo_id: the repo the card names (default: ``local/<folder name>``).
+        use_ema: publish the EMA weights when the checkpoint has them.
+        license: the Hub license id written in the card.
+
+    Returns:
+        The names of the files written.
+    """
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise ValueError(f'output_dir {output_dir!r} exists and is not an empty folder.')
+    repo_id = check_repo_id(repo_id or f'local/{os.path.basename(output_dir)}')
+    loaded = load_training_checkpoint(checkpoint, use_ema=use_ema)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output_dir)}.', dir=parent)
+    try:
+        files = _export_to(tmp, loaded, repo_id, license)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def push_checkpoint(
+        checkpoint: str,
+        repo_id: str,
+        revision: Optional[str] = None,
+        private: bool = False,
+        commit_message: Optional[str] = None,
+        token: Optional[str] = None,
+        use_ema: bool = False,
+        license: str = 'apache-2.0',
+) -> str:
+    """Publish a checkpoint of our ``train.py`` to the Hugging Face Hub as a plain timm model.
+
+    The repo is created when missing, and the branch ``revision`` too. The files go up in one commit.
+
+    Args:
+        checkpoint: the checkpoint file (``model_best.pth.tar`` of a run).
+        repo_id: ``ORG/NAME``.
+        revision: the branch to commit to (default: ``main``).
+        private: create the repo private (an existing repo keeps its visibility).
+        commit_message: the commit's summary (default: names the checkpoint).
+        token: a Hub token (default: ``HF_TOKEN`` or the token saved by ``hf auth login``).
+        use_ema: publish the EMA weights when the checkpoint has them.
+        license: the Hub license id written in the card.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        ValueError: bad repo id, no token, or a checkpoint that cannot be published; raised before any
+            request to the Hub.
+        HubPublishError: the Hub failed the upload; the commit was not made.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise ValueError('token: no Hugging Face token; pass --token, set HF_TOKEN, or run `hf auth login`.')
+    loaded = load_training_checkpoint(checkpoint, use_ema=use_ema)
+    message = commit_message or f'Add {os.path.basename(checkpoint)} (epoch {loaded.epoch}), trained with timm-gsl'
+    with tempfile.TemporaryDirectory(prefix='timm-gsl-push-') as folder:
+        # Everything that can fail here (architecture, weights, card) fails before the Hub is contacted.
+        files = _export_to(folder, loaded, repo_id, license)
+        api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != 'main':
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                       commit_message=message)
+        except Exception as e:  # HTTP errors and dropped connections alike
+            raise HubPublishError(
+                f'Publishing {checkpoint!r} to {repo_id!r} failed: {type(e).__name__}: {e}. Nothing was '
+                f'committed; run the command again to retry.') from e
+    _logger.info(f'Published {", ".join(files)} to {repo_id} ({commit.commit_url}).')
+    return commit.commit_url
+
+
+def publish_run(args: argparse.Namespace, output_dir: str) -> str:
+    """``train.py --push-to-hub``: publish the best checkpoint of a finished run (the last one if none is best).
+
+    Args:
+        args: the run's arguments (``push_to_hub``, ``hub_revision``, ``hub_private``, ``model_ema``, ...).
+        output_dir: the run's folder.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        ValueError, HubPublishError: as :func:`push_checkpoint`; the message says how to retry.
+    """
+    best = os.path.join(output_dir, 'model_best.pth.tar')
+    checkpoint = best if os.path.isfile(best) else os.path.join(output_dir, 'last.pth.tar')
+    # The metrics that chose the best checkpoint were measured on the EMA weights when EMA was evaluated.
+    use_ema = bool(getattr(args, 'model_ema', False) and not getattr(args, 'model_ema_force_cpu', False))
+    try:
+        return push_checkpoint(checkpoint, args.push_to_hub, revision=args.hub_revision,
+                               private=args.hub_private, use_ema=use_ema)
+    except (ValueError, HubPublishError) as e:
+        retry = f'python -m timm_gsl push {shlex.quote(checkpoint)} --repo-id {args.push_to_hub}'
+        raise type(e)(f'{e} The run itself is saved; publish it later with: {retry}') from e
