@@ -49,3 +49,13 @@ def resolve_device(name: str, purpose: str = 'running') -> torch.device:
         _logger.warning(f"--device {name!r} requested but CUDA is not available: {purpose} on the CPU instead.")
         return torch.device('cpu')
     return device
+
+
+def check_at_least(flag: str, value: int, minimum: int = 1) -> None:
+    """Refuse an integer flag below ``minimum``.
+
+    Raises:
+        ValueError: naming the flag, the value and the allowed range.
+    """
+    if value < minimum:
+        raise ValueError(f'{flag} {value} is invalid, expected an integer >= {minimum}.')

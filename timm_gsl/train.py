@@ -38,7 +38,7 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler
 from timm.loss import LOSS_TYPES as TIMM_LOSS_TYPES
 
-from ._cli import explicit_dests, resolve_device
+from ._cli import check_at_least, explicit_dests, resolve_device
 from .data import EMBEDDED_DATASET, create_dataset, dataset_class_names, is_embedded
 from .functional import GROUPINGS, LOSS_TYPES as GSL_TYPES
 from .loss_factory import create_classification_loss
@@ -669,14 +669,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model_dtype is not None and not isinstance(getattr(torch, args.model_dtype, None), torch.dtype):
         raise ValueError(f'--model-dtype {args.model_dtype!r} is not a torch dtype, expected e.g. float32 or '
                          f'bfloat16.')
-    if args.gsl_groups < 1:
-        raise ValueError(f'--gsl-groups {args.gsl_groups} is invalid, expected an integer >= 1.')
-    if args.grad_accum_steps < 1:
-        raise ValueError(f'--grad-accum-steps {args.grad_accum_steps} is invalid, expected an integer >= 1.')
-    if args.val_interval < 1:
-        raise ValueError(f'--val-interval {args.val_interval} is invalid, expected an integer >= 1.')
-    if args.checkpoint_hist < 1:
-        raise ValueError(f'--checkpoint-hist {args.checkpoint_hist} is invalid, expected an integer >= 1.')
+    for flag, value in (('--gsl-groups', args.gsl_groups), ('--grad-accum-steps', args.grad_accum_steps),
+                        ('--val-interval', args.val_interval), ('--checkpoint-hist', args.checkpoint_hist)):
+        check_at_least(flag, value)
 
 
 # ----------------------------------------------------------------------------------------------

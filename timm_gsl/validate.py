@@ -57,7 +57,7 @@ from timm.utils import (
     setup_default_logging,
 )
 
-from ._cli import explicit_dests, resolve_device
+from ._cli import check_at_least, explicit_dests, resolve_device
 from . import data as gsl_data
 from .training import write_text_atomic
 
@@ -399,12 +399,9 @@ def _check_choices(args: argparse.Namespace) -> None:
         raise ValueError(f"Unknown --amp-dtype {args.amp_dtype!r}, expected one of {AMP_DTYPES}.")
     if args.amp and args.model_dtype not in (None, 'float32'):
         raise ValueError(f"--amp needs a float32 model, got --model-dtype {args.model_dtype!r}; drop one of them.")
-    if args.batch_size < 1:
-        raise ValueError(f'-b/--batch-size must be at least 1, got {args.batch_size}.')
-    if args.num_gpu < 1:
-        raise ValueError(f'--num-gpu must be at least 1, got {args.num_gpu}.')
-    if args.log_freq < 1:
-        raise ValueError(f'--log-freq must be at least 1, got {args.log_freq}.')
+    for flag, value in (('-b/--batch-size', args.batch_size), ('--num-gpu', args.num_gpu),
+                        ('--log-freq', args.log_freq)):
+        check_at_least(flag, value)
 
 
 def _compile(model: nn.Module, args: argparse.Namespace) -> nn.Module:
