@@ -391,7 +391,8 @@ def run_one(spec: RunSpec, recipe: Recipe, output: str, data_dir: str, threads: 
         if proc.returncode != 0:
             raise RuntimeError(f'train.py failed for {spec.run_id} (exit {proc.returncode}):\n'
                                + proc.stdout[-3000:])
-        history = _read_summary(os.path.join(work, spec.run_id, 'summary.csv'))
+        from timm_gsl.training import read_summary  # the package's own reader of summary.csv
+        history = read_summary(os.path.join(work, spec.run_id, 'summary.csv'))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     evaluated = [row for row in history if row.get('eval_top1') is not None]
@@ -407,12 +408,6 @@ def run_one(spec: RunSpec, recipe: Recipe, output: str, data_dir: str, threads: 
     )
     write_json(result_path(output, spec), record)
     return record
-
-
-def _read_summary(path: str) -> List[Dict[str, Optional[float]]]:
-    import csv
-    with open(path, newline='') as f:
-        return [{k: (float(v) if v not in ('', None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _versions() -> Dict[str, str]:

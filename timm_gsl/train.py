@@ -13,7 +13,6 @@ no-data-flags recipe of :mod:`timm_gsl.train` needs.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import logging
 import os
@@ -47,7 +46,7 @@ from .hub import publish_run, repo_id_type
 from .head import classifier_layers
 from .training import AtomicCheckpointSaver, NonFiniteLossError, TrainingState, evaluate, format_summary
 from .training import check_checkpoint_fits, plot_learning_curves, read_checkpoint, train_one_epoch
-from .training import write_text_atomic
+from .training import read_summary, write_text_atomic
 
 __all__ = ['TRAIN_LOSSES', 'GSL_TYPE_CHOICES', 'DATA_FLAGS', 'get_args_parser', 'parse_args']
 
@@ -1185,7 +1184,7 @@ def train(run: _Run) -> Dict[str, Any]:
                                      os.path.join(output_dir, 'summary.csv'), lr=lr, log_wandb=False)
                 if wandb_run is not None:
                     wandb_run.log(row)
-                plot_learning_curves(_summary_history(os.path.join(output_dir, 'summary.csv')),
+                plot_learning_curves(read_summary(os.path.join(output_dir, 'summary.csv')),
                                      os.path.join(output_dir, 'learning_curves.png'),
                                      title=_run_title(args))
             if saver is not None:
@@ -1217,13 +1216,6 @@ def _run_title(args: argparse.Namespace) -> str:
     if args.loss == 'gsl':
         title += f' (Type-{args.gsl_type}, G={args.gsl_groups}, {args.gsl_grouping} grouping)'
     return title
-
-
-def _summary_history(path: str) -> List[Dict[str, Any]]:
-    # summary.csv holds every epoch of the run, resumed ones included: the curves come from it.
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    return [{k: (float(v) if v not in ('', None) else None) for k, v in row.items()} for row in rows]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

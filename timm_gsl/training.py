@@ -7,6 +7,7 @@ loss and reports, beside the training loss, the plain softmax cross-entropy of t
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -146,6 +147,12 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
                 self.can_hardlink = False
         with atomic_path(dst) as tmp:
             shutil.copy2(src, tmp)
+
+
+def read_summary(path: str) -> List[Dict[str, Optional[float]]]:
+    """The rows of a run's ``summary.csv`` as floats (empty cells, e.g. epochs without evaluation: None)."""
+    with open(path, newline='') as f:
+        return [{k: (float(v) if v not in ('', None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -59,7 +58,7 @@ from timm.utils import (
 
 from ._cli import check_at_least, explicit_dests, resolve_device
 from . import data as gsl_data
-from .training import write_text_atomic
+from .training import read_checkpoint, write_text_atomic
 
 __all__ = [
     'METRICS_AVERAGES',
@@ -275,7 +274,7 @@ def _passed(args: argparse.Namespace) -> Set[str]:
 def checkpoint_training_args(path: str) -> Dict[str, Any]:
     """The training arguments a checkpoint records under ``args`` (a dict or an argparse namespace).
 
-    Loads with ``weights_only=True`` (argparse namespaces allowed, as timm's checkpoints hold one).
+    Loads with :func:`timm_gsl.training.read_checkpoint` (``weights_only=True``, argparse namespaces allowed).
 
     Args:
         path: a checkpoint file.
@@ -287,12 +286,7 @@ def checkpoint_training_args(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"--checkpoint {path!r}: no such file.")
     if os.path.splitext(path)[1].lower() in ('.safetensors', '.npz', '.npy'):
         return {}
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f'--checkpoint {path!r} holds objects that weights_only=True loading refuses; only '
-                         f'tensors, plain containers and argparse namespaces are loaded ({e}).') from e
+    checkpoint = read_checkpoint(path, '--checkpoint')
     recorded = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     if isinstance(recorded, argparse.Namespace):
         recorded = vars(recorded)
