@@ -553,6 +553,21 @@ def paired_difference(records: Sequence[Dict[str, Any]], condition: Tuple[Any, .
     return Difference(mean, std, len(diffs), sum(d < 0 for d in diffs))
 
 
+def last_losses(record: Dict[str, Any]) -> Optional[Tuple[float, float]]:
+    """(training softmax loss of the last epoch, test loss of the last evaluation) of a run, if recorded.
+
+    The training value is the plain softmax cross-entropy of the training batches (augmented, train-mode
+    batch norm) whatever loss was optimised, so the two losses are comparable: a small gap between them
+    means the run is limited by how well it fits the training images, not by over-fitting them.
+    """
+    history = record.get('history') or []
+    train = [row.get('train_softmax_loss') for row in history if row.get('train_softmax_loss') is not None]
+    test = [row.get('eval_loss') for row in history if row.get('eval_loss') is not None]
+    if not train or not test:
+        return None
+    return float(train[-1]), float(test[-1])
+
+
 def _spec_of(record: Dict[str, Any]) -> RunSpec:
     fields = dict(record['spec'])
     fields['milestones'] = tuple(fields['milestones'])
@@ -639,8 +654,31 @@ def format_table(records: Sequence[Dict[str, Any]], design: StudyDesign, recipe:
             diff = paired_difference(records, spec.condition(), base.condition())
             row.append(str(diff) if diff else 'not yet run')
         lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
+    lines += ['', '## Fit: training against test loss', '',
+              'Last-epoch softmax cross-entropy on the training batches / last test loss, mean over seeds. '
+              'Whatever loss a run optimised, both numbers are the plain softmax loss of its classifier; a '
+              'regulariser is expected to help where the test loss is well above the training loss, and to cost '
+              'accuracy where the two are close (the run under-fits).', '']
+    fits: Dict[Tuple[Any, ...], List[Tuple[float, float]]] = {}
+    for record in records:
+        pair = last_losses(record)
+        if pair is not None:
+            fits.setdefault(_spec_of(record).condition(), []).append(pair)
+    for study, unit in (('classes', 'classes'), ('samples', 'per class')):
+        xs = list(design.classes if study == 'classes' else design.samples)
+        lines += [f'{"Number of classes" if study == "classes" else "Samples per class"}:', '',
+                  '| loss | ' + ' | '.join(f'{x} {unit}' for x in xs) + ' |', '|---|' + '---|' * len(xs)]
+        for loss in LOSSES:
+            row = []
+            for x in xs:
+                k, n = (x, design.class_study_samples) if study == 'classes' else (design.samples_study_classes, x)
+                pairs = fits.get(_loss_spec(loss, k, n, 0, recipe).condition())
+                row.append(f'{sum(p[0] for p in pairs) / len(pairs):.3f} / {sum(p[1] for p in pairs) / len(pairs):.3f}'
+                           if pairs else 'not yet run')
+            lines.append(f'| {loss} | ' + ' | '.join(row) + ' |')
+        lines.append('')
     wall = sum(r['wall_s'] for r in records)
-    lines += ['', f'{len(records)} runs, {wall / 3600:.2f} h of wall time in all.', '']
+    lines += [f'{len(records)} runs, {wall / 3600:.2f} h of wall time in all.', '']
     return '\n'.join(lines)
 
 

@@ -196,6 +196,20 @@ def test_table_reports_paired_differences_under_the_means():
     assert '| 2 | not yet run | -2.00 (n=1), better in 1/1 |' in diffs.split('Against discriminative')[1]
 
 
+def test_fit_table_reports_last_training_and_test_softmax_losses():
+    history = [dict(epoch=0, train_softmax_loss=0.9, eval_loss=None), dict(epoch=1, train_softmax_loss=0.5,
+                                                                          eval_loss=0.8),
+               dict(epoch=2, train_softmax_loss=0.3, eval_loss=None)]
+    record = dict(_fake_record(_spec('Type-I', 6, 500, 0), 80.), history=history)
+    # The last epoch's training loss, the last evaluation's test loss (epoch 1).
+    assert reproduce.last_losses(record) == (0.3, 0.8)
+    other = dict(_fake_record(_spec('Type-I', 6, 500, 1), 80.),
+                 history=[dict(epoch=0, train_softmax_loss=0.5, eval_loss=0.6)])
+    assert reproduce.last_losses(_fake_record(_spec('Type-I', 6, 500, 2), 80.)) is None  # no history
+    fit = reproduce.format_table([record, other], DESIGN, RECIPE).split('## Fit')[1]
+    assert '| Type-I | not yet run | not yet run | 0.400 / 0.700 | not yet run |' in fit
+
+
 def test_plots_are_written_as_png(tmp_path):
     records = [_fake_record(_spec(loss, k, 500, s), 80. + k + s) for loss in reproduce.LOSSES
                for k in (2, 4) for s in (0, 1)]

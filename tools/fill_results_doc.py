@@ -72,10 +72,10 @@ def blocks(table: str) -> Dict[str, str]:
         out[name] = '\n'.join(lines)
     (ablation,) = _tables(_section(table, 'Grouping ablation'))
     out['ablation'] = '\n'.join(ablation)
-    differences = _section(table, 'Differences')
-    titles = [line.rstrip(':') for line in differences.splitlines() if line.startswith('Against ')]
-    out['differences'] = '\n\n'.join(f'{title}:\n\n' + '\n'.join(t)
-                                     for title, t in zip(titles, _tables(differences)))
+    for name, heading in (('differences', 'Differences'), ('fit', 'Fit')):
+        section = _section(table, heading)
+        titles = [line for line in section.splitlines() if line.endswith(':') and not line.startswith('|')]
+        out[name] = '\n\n'.join(f'{title}\n\n' + '\n'.join(t) for title, t in zip(titles, _tables(section)))
     match = re.search(r'^(\d+) runs, ([\d.]+) h of wall time in all\.$', table, re.M)
     if not match:
         raise ValueError('the report does not state its runs and wall time')
