@@ -42,6 +42,10 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The runs train this checkout's timm_gsl (see run_one); this process reads their output with the same code,
+# whether or not (or wherever) the package is installed.
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
