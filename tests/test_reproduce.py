@@ -190,10 +190,12 @@ def test_table_reports_paired_differences_under_the_means():
     records += [_fake_record(_spec('Type-II', 10, 100, 0, 2, g), top1)
                 for g, top1 in (('discriminative', 70.), ('contiguous', 72.))]
     diffs = reproduce.format_table(records, DESIGN, RECIPE).split('## Differences')[1]
-    by_samples = diffs.split('samples per class:')[1].split('Against discriminative')[0]
+    by_samples = diffs.split('samples per class:')[1].split('Ablation')[0]
     # Type-I errors 20, 18 against 19, 19: differences +1, -1.
-    assert '| Type-I | not yet run | +0.00 ± 1.41, better in 1/2 | not yet run | not yet run |' in by_samples
-    assert '| 2 | not yet run | -2.00 (n=1), better in 1/1 |' in diffs.split('Against discriminative')[1]
+    assert ('| Type-I vs softmax | not yet run | +0.00 ± 1.41, better in 1/2 | not yet run | not yet run |'
+            in by_samples)
+    assert '| Type-II vs Type-I | not yet run | not yet run | not yet run | not yet run |' in by_samples
+    assert '| 2 | not yet run | -2.00 (n=1), better in 1/1 |' in diffs.split('Ablation')[1]
 
 
 def test_fit_table_reports_last_training_and_test_softmax_losses():
