@@ -504,6 +504,74 @@ def aggregate(records: Sequence[Dict[str, Any]], metric: str = 'final_top1') -> 
     return cells
 
 
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """Top-1 error of one condition minus another's, paired by seed (same classes, images and init seed).
+
+    Args:
+        mean: mean of the per-seed differences (percentage points; negative: the first condition is better).
+        std: their sample standard deviation; None with one seed.
+        n: number of seeds both conditions have.
+        better: seeds where the first condition has the lower error.
+    """
+    mean: float
+    std: Optional[float]
+    n: int
+    better: int
+
+    def __str__(self) -> str:
+        spread = ' (n=1)' if self.std is None else f' ± {self.std:.2f}'
+        return f'{self.mean:+.2f}{spread}, better in {self.better}/{self.n}'
+
+
+def paired_difference(records: Sequence[Dict[str, Any]], condition: Tuple[Any, ...], baseline: Tuple[Any, ...],
+                      metric: str = 'final_top1') -> Optional[Difference]:
+    """Error of ``condition`` minus error of ``baseline`` over the seeds both have run.
+
+    Pairing by seed removes what the seed shares between the two runs (the drawn classes and images, the
+    initial weights), which an unpaired comparison of two means leaves in.
+
+    Args:
+        records: run records.
+        condition, baseline: :meth:`RunSpec.condition` tuples.
+        metric: 'final_top1' or 'best_top1'.
+
+    Returns:
+        The difference, or None when no seed has both runs.
+    """
+    if metric not in ('final_top1', 'best_top1'):
+        raise ValueError(f"metric={metric!r} is unknown, expected 'final_top1' or 'best_top1'.")
+    errors: Dict[Tuple[Any, ...], Dict[int, float]] = {condition: {}, baseline: {}}
+    for record in records:
+        spec = _spec_of(record)
+        if spec.condition() in errors:
+            errors[spec.condition()][spec.seed] = 100. - record[metric]
+    seeds = sorted(set(errors[condition]) & set(errors[baseline]))
+    if not seeds:
+        return None
+    diffs = [errors[condition][s] - errors[baseline][s] for s in seeds]
+    mean = sum(diffs) / len(diffs)
+    std = None
+    if len(diffs) > 1:
+        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return Difference(mean, std, len(diffs), sum(d < 0 for d in diffs))
+
+
+def last_losses(record: Dict[str, Any]) -> Optional[Tuple[float, float]]:
+    """(training softmax loss of the last epoch, test loss of the last evaluation) of a run, if recorded.
+
+    The training value is the plain softmax cross-entropy of the training batches (augmented, train-mode
+    batch norm) whatever loss was optimised, so the two losses are comparable: a small gap between them
+    means the run is limited by how well it fits the training images, not by over-fitting them.
+    """
+    history = record.get('history') or []
+    train = [row.get('train_softmax_loss') for row in history if row.get('train_softmax_loss') is not None]
+    test = [row.get('eval_loss') for row in history if row.get('eval_loss') is not None]
+    if not train or not test:
+        return None
+    return float(train[-1]), float(test[-1])
+
+
 def _spec_of(record: Dict[str, Any]) -> RunSpec:
     fields = dict(record['spec'])
     fields['milestones'] = tuple(fields['milestones'])
@@ -561,8 +629,58 @@ def format_table(records: Sequence[Dict[str, Any]], design: StudyDesign, recipe:
             cell = cells.get(spec.condition())
             row.append(str(cell) if cell else 'not yet run')
         lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
+    lines += ['', '## Differences, paired by seed', '',
+              'Error minus the baseline\'s error on the same seed (same classes, images and initial weights), in '
+              'percentage points: mean ± std over seeds; negative means lower error than the baseline; "better in '
+              'k/n" counts the seeds where it is lower.', '']
+    for study, unit in (('classes', 'classes'), ('samples', 'per class')):
+        xs = list(design.classes if study == 'classes' else design.samples)
+        lines += [f'Between losses, {"number of classes" if study == "classes" else "samples per class"}:', '',
+                  '| loss vs baseline | ' + ' | '.join(f'{x} {unit}' for x in xs) + ' |', '|---|' + '---|' * len(xs)]
+        for loss, baseline in (('Type-I', 'softmax'), ('Type-II', 'softmax'), ('Type-II', 'Type-I')):
+            row = []
+            for x in xs:
+                k, n = (x, design.class_study_samples) if study == 'classes' else (design.samples_study_classes, x)
+                diff = paired_difference(records, _loss_spec(loss, k, n, 0, recipe).condition(),
+                                         _loss_spec(baseline, k, n, 0, recipe).condition())
+                row.append(str(diff) if diff else 'not yet run')
+            lines.append(f'| {loss} vs {baseline} | ' + ' | '.join(row) + ' |')
+        lines.append('')
+    lines += ['Ablation, against discriminative grouping at the same G:', '',
+              '| G | ' + ' | '.join(GROUPINGS[1:]) + ' |', '|---|' + '---|' * len(GROUPINGS[1:])]
+    for g in design.ablation_groups:
+        base = _loss_spec('Type-II', design.ablation_classes, design.ablation_samples, 0, recipe, g, GROUPINGS[0])
+        row = []
+        for grouping in GROUPINGS[1:]:
+            spec = _loss_spec('Type-II', design.ablation_classes, design.ablation_samples, 0, recipe, g, grouping)
+            diff = paired_difference(records, spec.condition(), base.condition())
+            row.append(str(diff) if diff else 'not yet run')
+        lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
+    lines += ['', '## Fit: training against test loss', '',
+              'Last-epoch softmax cross-entropy on the training batches / last test loss, mean over seeds. '
+              'Whatever loss a run optimised, both numbers are the plain softmax loss of its classifier; a '
+              'regulariser is expected to help where the test loss is well above the training loss, and to cost '
+              'accuracy where the two are close (the run under-fits).', '']
+    fits: Dict[Tuple[Any, ...], List[Tuple[float, float]]] = {}
+    for record in records:
+        pair = last_losses(record)
+        if pair is not None:
+            fits.setdefault(_spec_of(record).condition(), []).append(pair)
+    for study, unit in (('classes', 'classes'), ('samples', 'per class')):
+        xs = list(design.classes if study == 'classes' else design.samples)
+        lines += [f'{"Number of classes" if study == "classes" else "Samples per class"}:', '',
+                  '| loss | ' + ' | '.join(f'{x} {unit}' for x in xs) + ' |', '|---|' + '---|' * len(xs)]
+        for loss in LOSSES:
+            row = []
+            for x in xs:
+                k, n = (x, design.class_study_samples) if study == 'classes' else (design.samples_study_classes, x)
+                pairs = fits.get(_loss_spec(loss, k, n, 0, recipe).condition())
+                row.append(f'{sum(p[0] for p in pairs) / len(pairs):.3f} / {sum(p[1] for p in pairs) / len(pairs):.3f}'
+                           if pairs else 'not yet run')
+            lines.append(f'| {loss} | ' + ' | '.join(row) + ' |')
+        lines.append('')
     wall = sum(r['wall_s'] for r in records)
-    lines += ['', f'{len(records)} runs, {wall / 3600:.2f} h of wall time in all.', '']
+    lines += [f'{len(records)} runs, {wall / 3600:.2f} h of wall time in all.', '']
     return '\n'.join(lines)
 
 

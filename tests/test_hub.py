@@ -287,6 +287,17 @@ def test_missing_token_is_refused_before_any_request(server, hf_home, published,
     assert len(server.requests) == before
 
 
+def test_train_push_to_hub_without_a_token_is_refused_before_training(server, hf_home, tmp_path):
+    before = len(server.requests)
+    done = _run([os.path.join(ROOT, 'train.py')] + TINY + [
+        '--epochs', '1', '--output', str(tmp_path / 'out'), '--experiment', 'x', '--push-to-hub', 'gsl-org/x'],
+        _env(server, str(tmp_path / 'empty_home'), token=None, with_package=True), cwd=str(tmp_path))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert '--push-to-hub gsl-org/x: no Hugging Face token' in done.stderr
+    assert 'Train:' not in done.stderr + done.stdout  # no epoch ran
+    assert not (tmp_path / 'out').exists() and len(server.requests) == before
+
+
 def _no_network(monkeypatch):
     import huggingface_hub
 

@@ -155,7 +155,7 @@ def test_table_puts_each_cell_in_its_row_and_column():
     records += [_fake_record(_spec('Type-II', 10, 100, 0, 8, 'random'), 75.)]
     text = reproduce.format_table(records, DESIGN, RECIPE)
     rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
-            for line in text.splitlines() if line.startswith('| ') and not line.startswith('| loss')
+            for line in text.split('## Differences')[0].splitlines() if line.startswith('| ') and not line.startswith('| loss')
             and not line.startswith('| G ')}
     classes_rows, samples_rows = text.split('## Samples')[0], text.split('## Samples')[1].split('## Grouping')[0]
     assert '| Type-II | not yet run | 12.00 ± 2.00 | not yet run | not yet run |' in classes_rows
@@ -165,6 +165,51 @@ def test_table_puts_each_cell_in_its_row_and_column():
     # The paper's Table B.2 (SPEC.md) is quoted under each measured table.
     assert 'Type-II 13.0 / 15.6 / 19.1 / 24.1 at 100 / 200 / 500 / 1000 classes' in classes_rows
     assert 'softmax 49.3 / 40.3 / 30.2 / 23.5' in samples_rows
+
+
+def test_paired_difference_matches_a_hand_computation():
+    # Type-II errors 10, 12, 14 on seeds 0-2; softmax errors 11, 11, 20 on seeds 0, 1, 3 (seed 2 not run).
+    records = [_fake_record(_spec('Type-II', 2, 500, s), top1) for s, top1 in enumerate((90., 88., 86.))]
+    records += [_fake_record(_spec('softmax', 2, 500, s), top1) for s, top1 in ((0, 89.), (1, 89.), (3, 80.))]
+    a, b = _spec('Type-II', 2, 500, 0).condition(), _spec('softmax', 2, 500, 0).condition()
+    diff = reproduce.paired_difference(records, a, b)
+    # Only seeds 0 and 1 pair: differences -1 and +1, mean 0, std sqrt(2), lower error on one seed.
+    assert (diff.mean, diff.std, diff.n, diff.better) == (pytest.approx(0.), pytest.approx(math.sqrt(2.)), 2, 1)
+    assert str(diff) == '+0.00 ± 1.41, better in 1/2'
+    reverse = reproduce.paired_difference(records, b, a)
+    assert (reverse.mean, reverse.better) == (pytest.approx(0.), 1)
+    only_seed3 = [r for r in records if r['spec']['seed'] == 3]
+    assert reproduce.paired_difference(only_seed3, a, b) is None
+    with pytest.raises(ValueError, match="metric='top5'"):
+        reproduce.paired_difference(records, a, b, metric='top5')
+
+
+def test_table_reports_paired_differences_under_the_means():
+    records = [_fake_record(_spec('Type-I', 10, 200, s), top1) for s, top1 in enumerate((80., 82.))]
+    records += [_fake_record(_spec('softmax', 10, 200, s), top1) for s, top1 in enumerate((81., 81.))]
+    records += [_fake_record(_spec('Type-II', 10, 100, 0, 2, g), top1)
+                for g, top1 in (('discriminative', 70.), ('contiguous', 72.))]
+    diffs = reproduce.format_table(records, DESIGN, RECIPE).split('## Differences')[1]
+    by_samples = diffs.split('samples per class:')[1].split('Ablation')[0]
+    # Type-I errors 20, 18 against 19, 19: differences +1, -1.
+    assert ('| Type-I vs softmax | not yet run | +0.00 ± 1.41, better in 1/2 | not yet run | not yet run |'
+            in by_samples)
+    assert '| Type-II vs Type-I | not yet run | not yet run | not yet run | not yet run |' in by_samples
+    assert '| 2 | not yet run | -2.00 (n=1), better in 1/1 |' in diffs.split('Ablation')[1]
+
+
+def test_fit_table_reports_last_training_and_test_softmax_losses():
+    history = [dict(epoch=0, train_softmax_loss=0.9, eval_loss=None), dict(epoch=1, train_softmax_loss=0.5,
+                                                                          eval_loss=0.8),
+               dict(epoch=2, train_softmax_loss=0.3, eval_loss=None)]
+    record = dict(_fake_record(_spec('Type-I', 6, 500, 0), 80.), history=history)
+    # The last epoch's training loss, the last evaluation's test loss (epoch 1).
+    assert reproduce.last_losses(record) == (0.3, 0.8)
+    other = dict(_fake_record(_spec('Type-I', 6, 500, 1), 80.),
+                 history=[dict(epoch=0, train_softmax_loss=0.5, eval_loss=0.6)])
+    assert reproduce.last_losses(_fake_record(_spec('Type-I', 6, 500, 2), 80.)) is None  # no history
+    fit = reproduce.format_table([record, other], DESIGN, RECIPE).split('## Fit')[1]
+    assert '| Type-I | not yet run | not yet run | 0.400 / 0.700 | not yet run |' in fit
 
 
 def test_plots_are_written_as_png(tmp_path):

@@ -668,6 +668,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model_dtype is not None and not isinstance(getattr(torch, args.model_dtype, None), torch.dtype):
         raise ValueError(f'--model-dtype {args.model_dtype!r} is not a torch dtype, expected e.g. float32 or '
                          f'bfloat16.')
+    if args.push_to_hub:
+        from huggingface_hub import get_token
+        if not get_token():
+            # Found now, not after the last epoch: a run would otherwise train for hours and then fail to publish.
+            raise ValueError(f'--push-to-hub {args.push_to_hub}: no Hugging Face token; set HF_TOKEN or run '
+                             f'`hf auth login` before training (or drop --push-to-hub and publish later with '
+                             f'`python -m timm_gsl push`).')
     for flag, value in (('--gsl-groups', args.gsl_groups), ('--grad-accum-steps', args.grad_accum_steps),
                         ('--val-interval', args.val_interval), ('--checkpoint-hist', args.checkpoint_hist)):
         check_at_least(flag, value)

@@ -1,0 +1,120 @@
+"""Copy the measured tables of ``results/table.md`` into ``docs/results.md``.
+
+``experiments/reproduce.py`` writes ``results/table.md``; the page ``docs/results.md`` sets those numbers
+beside the paper's Table B.2 and adds the prose. The tables on the page sit between marker comments
+(``<!-- measured:NAME -->`` ... ``<!-- /measured -->``) and are rebuilt here, so that no number on the page
+is typed by hand; ``tests/test_results_doc.py`` checks the two files agree.
+
+    python tools/fill_results_doc.py [--table results/table.md] [--doc docs/results.md]
+"""
+import argparse
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MARKED = re.compile(r'(<!-- measured:(\w+) -->\n)(.*?)(<!-- /measured -->)', re.S)
+
+
+def _reproduce():
+    spec = importlib.util.spec_from_file_location('experiments_reproduce',
+                                                  os.path.join(ROOT, 'experiments', 'reproduce.py'))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _section(text: str, heading: str) -> str:
+    match = re.search(r'^## ' + re.escape(heading) + r'.*?$(.*?)(?=^## |\Z)', text, re.M | re.S)
+    if not match:
+        raise ValueError(f'the report has no section "## {heading}"')
+    return match.group(1)
+
+
+def _tables(section: str) -> List[List[str]]:
+    """The Markdown tables of a section, each as its lines."""
+    tables, current = [], []
+    for line in section.splitlines():
+        if line.startswith('|'):
+            current.append(line.strip())
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+def _cells(line: str) -> List[str]:
+    return [c.strip() for c in line.strip().strip('|').split('|')]
+
+
+def blocks(table: str) -> Dict[str, str]:
+    """The page's tables, by marker name, built from the report text ``table``."""
+    reproduce = _reproduce()
+    out = {}
+    for name, heading, unit in (('classes', 'Number of classes', 'classes'),
+                                ('samples', 'Samples per class', 'per class')):
+        (measured,) = _tables(_section(table, heading))
+        header = _cells(measured[0])[1:]
+        paper = reproduce.PAPER_TABLE_B2[name]
+        columns = list(paper['softmax'])
+        lines = ['| | Paper: ' + ' | '.join(columns) + f' {unit} | Here: ' + ' | '.join(header) + ' |',
+                 '|---|' + '---|' * (len(columns) + len(header))]
+        for row in measured[2:]:
+            loss, *cells = _cells(row)
+            lines.append(f'| {loss} | ' + ' | '.join(f'{paper[loss][c]:.1f}' for c in columns) + ' | '
+                         + ' | '.join(cells) + ' |')
+        out[name] = '\n'.join(lines)
+    (ablation,) = _tables(_section(table, 'Grouping ablation'))
+    out['ablation'] = '\n'.join(ablation)
+    for name, heading in (('differences', 'Differences'), ('fit', 'Fit')):
+        section = _section(table, heading)
+        titles = [line for line in section.splitlines() if line.endswith(':') and not line.startswith('|')]
+        out[name] = '\n\n'.join(f'{title}\n\n' + '\n'.join(t) for title, t in zip(titles, _tables(section)))
+    match = re.search(r'^(\d+) runs, ([\d.]+) h of wall time in all\.$', table, re.M)
+    if not match:
+        raise ValueError('the report does not state its runs and wall time')
+    out['walltime'] = f'{match.group(1)} runs, {match.group(2)} h of training wall time in all (summed over runs).'
+    return out
+
+
+def fill(doc: str, table: str) -> Tuple[str, List[str]]:
+    """The page ``doc`` with every marked block rebuilt from ``table``; also the names filled."""
+    built = blocks(table)
+    filled = []
+
+    def replace(match: 're.Match') -> str:
+        name = match.group(2)
+        if name not in built:
+            raise ValueError(f'docs marker measured:{name} is unknown, expected one of {sorted(built)}')
+        filled.append(name)
+        return match.group(1) + built[name] + '\n' + match.group(4)
+
+    return _MARKED.sub(replace, doc), filled
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--table', default=os.path.join(ROOT, 'results', 'table.md'))
+    parser.add_argument('--doc', default=os.path.join(ROOT, 'docs', 'results.md'))
+    args = parser.parse_args(argv)
+    with open(args.table, encoding='utf-8') as f:
+        table = f.read()
+    with open(args.doc, encoding='utf-8') as f:
+        doc = f.read()
+    text, filled = fill(doc, table)
+    fd, tmp = tempfile.mkstemp(prefix='.results-', suffix='.md', dir=os.path.dirname(os.path.abspath(args.doc)))
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, args.doc)
+    print(f'{args.doc}: filled {", ".join(filled) or "nothing"} from {args.table}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
