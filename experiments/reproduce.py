@@ -656,6 +656,17 @@ def format_table(records: Sequence[Dict[str, Any]], design: StudyDesign, recipe:
             diff = paired_difference(records, spec.condition(), base.condition())
             row.append(str(diff) if diff else 'not yet run')
         lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
+    softmax = _loss_spec('softmax', design.ablation_classes, design.ablation_samples, 0, recipe).condition()
+    lines += ['', f'Ablation, against softmax on the same data ({design.ablation_classes} classes, '
+              f'{design.ablation_samples} per class):', '',
+              '| G | ' + ' | '.join(GROUPINGS) + ' |', '|---|' + '---|' * len(GROUPINGS)]
+    for g in design.ablation_groups:
+        row = []
+        for grouping in GROUPINGS:
+            spec = _loss_spec('Type-II', design.ablation_classes, design.ablation_samples, 0, recipe, g, grouping)
+            diff = paired_difference(records, spec.condition(), softmax)
+            row.append(str(diff) if diff else 'not yet run')
+        lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
     lines += ['', '## Fit: training against test loss', '',
               'Last-epoch softmax cross-entropy on the training batches / last test loss, mean over seeds. '
               'Whatever loss a run optimised, both numbers are the plain softmax loss of its classifier; a '

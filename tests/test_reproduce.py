@@ -196,6 +196,10 @@ def test_table_reports_paired_differences_under_the_means():
             in by_samples)
     assert '| Type-II vs Type-I | not yet run | not yet run | not yet run | not yet run |' in by_samples
     assert '| 2 | not yet run | -2.00 (n=1), better in 1/1 |' in diffs.split('Ablation')[1]
+    assert '| 2 | not yet run | not yet run | not yet run |' in diffs.split('Ablation')[2]  # no softmax run there
+    records += [_fake_record(_spec('softmax', 10, 100, 0), 71.)]
+    against_softmax = reproduce.format_table(records, DESIGN, RECIPE).split('against softmax on the same data')[1]
+    assert '| 2 | +1.00 (n=1), better in 0/1 | not yet run | -1.00 (n=1), better in 1/1 |' in against_softmax
 
 
 def test_fit_table_reports_last_training_and_test_softmax_losses():
