@@ -477,6 +477,19 @@ class Cell:
         return f'{self.mean:.2f} ± {self.std:.2f}'
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in ('final_top1', 'best_top1'):
+        raise ValueError(f"metric={metric!r} is unknown, expected 'final_top1' or 'best_top1'.")
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (n - 1 in the denominator; None for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def aggregate(records: Sequence[Dict[str, Any]], metric: str = 'final_top1') -> Dict[Tuple[Any, ...], Cell]:
     """Mean ± std of the top-1 error of every condition (the runs that differ only by seed).
 
@@ -487,20 +500,15 @@ def aggregate(records: Sequence[Dict[str, Any]], metric: str = 'final_top1') -> 
     Returns:
         ``{RunSpec.condition(): Cell}``.
     """
-    if metric not in ('final_top1', 'best_top1'):
-        raise ValueError(f"metric={metric!r} is unknown, expected 'final_top1' or 'best_top1'.")
+    _check_metric(metric)
     groups: Dict[Tuple[Any, ...], List[Dict[str, Any]]] = {}
     for record in records:
         spec = _spec_of(record)
         groups.setdefault(spec.condition(), []).append(record)
     cells = {}
     for condition, members in groups.items():
-        errors = [100. - r[metric] for r in members]
-        mean = sum(errors) / len(errors)
-        std = None
-        if len(errors) > 1:
-            std = math.sqrt(sum((e - mean) ** 2 for e in errors) / (len(errors) - 1))
-        cells[condition] = Cell(mean, std, len(errors), sum(r['wall_s'] for r in members))
+        mean, std = _mean_std([100. - r[metric] for r in members])
+        cells[condition] = Cell(mean, std, len(members), sum(r['wall_s'] for r in members))
     return cells
 
 
@@ -539,8 +547,7 @@ def paired_difference(records: Sequence[Dict[str, Any]], condition: Tuple[Any, .
     Returns:
         The difference, or None when no seed has both runs.
     """
-    if metric not in ('final_top1', 'best_top1'):
-        raise ValueError(f"metric={metric!r} is unknown, expected 'final_top1' or 'best_top1'.")
+    _check_metric(metric)
     errors: Dict[Tuple[Any, ...], Dict[int, float]] = {condition: {}, baseline: {}}
     for record in records:
         spec = _spec_of(record)
@@ -550,10 +557,7 @@ def paired_difference(records: Sequence[Dict[str, Any]], condition: Tuple[Any, .
     if not seeds:
         return None
     diffs = [errors[condition][s] - errors[baseline][s] for s in seeds]
-    mean = sum(diffs) / len(diffs)
-    std = None
-    if len(diffs) > 1:
-        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    mean, std = _mean_std(diffs)
     return Difference(mean, std, len(diffs), sum(d < 0 for d in diffs))
 
 
@@ -578,18 +582,27 @@ def _spec_of(record: Dict[str, Any]) -> RunSpec:
     return RunSpec(**fields)
 
 
+def _study_columns(design: StudyDesign, study: str) -> List[Tuple[int, int, int]]:
+    """(column value, classes, samples per class) of every column of the 'classes' or 'samples' study."""
+    if study == 'classes':
+        return [(k, k, design.class_study_samples) for k in design.classes]
+    return [(n, design.samples_study_classes, n) for n in design.samples]
+
+
 def _study_series(cells: Dict[Tuple[Any, ...], Cell], design: StudyDesign, recipe: Recipe, study: str
                   ) -> Tuple[List[int], Dict[str, List[Optional[Cell]]]]:
-    xs = list(design.classes if study == 'classes' else design.samples)
-    series: Dict[str, List[Optional[Cell]]] = {}
-    for loss in LOSSES:
-        row = []
-        for x in xs:
-            k, n = (x, design.class_study_samples) if study == 'classes' else (design.samples_study_classes, x)
-            spec = _loss_spec(loss, k, n, 0, recipe)
-            row.append(cells.get(spec.condition()))
-        series[loss] = row
-    return xs, series
+    columns = _study_columns(design, study)
+    series = {loss: [cells.get(_loss_spec(loss, k, n, 0, recipe).condition()) for _, k, n in columns]
+              for loss in LOSSES}
+    return [x for x, _, _ in columns], series
+
+
+def _markdown_table(corner: str, header: Sequence[Any], rows: Iterable[Tuple[Any, Sequence[Any]]]) -> List[str]:
+    """Lines of a Markdown table; a cell that is None (or empty) reads "not yet run"."""
+    lines = [f'| {corner} | ' + ' | '.join(str(h) for h in header) + ' |', '|---|' + '---|' * len(header)]
+    for label, cells in rows:
+        lines.append(f'| {label} | ' + ' | '.join(str(c) if c else 'not yet run' for c in cells) + ' |')
+    return lines
 
 
 def format_table(records: Sequence[Dict[str, Any]], design: StudyDesign, recipe: Recipe) -> str:
@@ -603,70 +616,52 @@ def format_table(records: Sequence[Dict[str, Any]], design: StudyDesign, recipe:
         Markdown text; a condition with no run yet shows "not yet run".
     """
     cells = aggregate(records)
+    studies = (('classes', 'classes', f'Number of classes ({design.class_study_samples} training images per class)'),
+               ('samples', 'per class', f'Samples per class ({design.samples_study_classes} classes)'))
+
+    def condition(loss: str, k: int, n: int, g: int = 4, grouping: str = 'discriminative') -> Tuple[Any, ...]:
+        return _loss_spec(loss, k, n, 0, recipe, g, grouping).condition()
+
+    def ablation(g: int, grouping: str) -> Tuple[Any, ...]:
+        return condition('Type-II', design.ablation_classes, design.ablation_samples, g, grouping)
+
     lines = ['# Fashion-MNIST rerun of Table B.2: top-1 error (%), mean ± std over seeds', '',
              f'Model {recipe.model} at 28x28, batch {recipe.batch_size}, SGD lr {recipe.lr_base} x batch/256, '
              f'epochs = Table B.1 x {recipe.epoch_scale:.4g}; G = 4, discriminative grouping unless stated. '
              f'Error of the last epoch on the Fashion-MNIST test images of the kept classes.', '']
-    for study, title, unit in (('classes', f'Number of classes ({design.class_study_samples} training images '
-                                           f'per class)', 'classes'),
-                               ('samples', f'Samples per class ({design.samples_study_classes} classes)', 'per class')):
+    for study, unit, title in studies:
         xs, series = _study_series(cells, design, recipe, study)
-        lines += [f'## {title}', '', '| loss | ' + ' | '.join(f'{x} {unit}' for x in xs) + ' |',
-                  '|---|' + '---|' * len(xs)]
-        for loss, row in series.items():
-            lines.append(f'| {loss} | ' + ' | '.join(str(c) if c else 'not yet run' for c in row) + ' |')
+        lines += [f'## {title}', '', *_markdown_table('loss', [f'{x} {unit}' for x in xs], series.items())]
         paper = PAPER_TABLE_B2[study]
         columns = list(paper['softmax'])
         lines += ['', 'The paper (Table B.2, ImageNet subsets, top-1 error %): '
                   + '; '.join(f'{loss} ' + ' / '.join(f'{paper[loss][c]:.1f}' for c in columns) for loss in paper)
                   + f' at {" / ".join(columns)} {unit}.', '']
     lines += [f'## Grouping ablation (Type-II, {design.ablation_classes} classes, {design.ablation_samples} '
-              f'per class)', '', '| G | ' + ' | '.join(GROUPINGS) + ' |', '|---|' + '---|' * len(GROUPINGS)]
-    for g in design.ablation_groups:
-        row = []
-        for grouping in GROUPINGS:
-            spec = _loss_spec('Type-II', design.ablation_classes, design.ablation_samples, 0, recipe, g, grouping)
-            cell = cells.get(spec.condition())
-            row.append(str(cell) if cell else 'not yet run')
-        lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
+              f'per class)', '',
+              *_markdown_table('G', GROUPINGS, ((g, [cells.get(ablation(g, grouping)) for grouping in GROUPINGS])
+                                                for g in design.ablation_groups))]
     lines += ['', '## Differences, paired by seed', '',
               'Error minus the baseline\'s error on the same seed (same classes, images and initial weights), in '
               'percentage points: mean ± std over seeds; negative means lower error than the baseline; "better in '
               'k/n" counts the seeds where it is lower.', '']
-    for study, unit in (('classes', 'classes'), ('samples', 'per class')):
-        xs = list(design.classes if study == 'classes' else design.samples)
+    for study, unit, _ in studies:
+        columns = _study_columns(design, study)
+        rows = ((f'{loss} vs {baseline}', [paired_difference(records, condition(loss, k, n), condition(baseline, k, n))
+                                           for _, k, n in columns])
+                for loss, baseline in (('Type-I', 'softmax'), ('Type-II', 'softmax'), ('Type-II', 'Type-I')))
         lines += [f'Between losses, {"number of classes" if study == "classes" else "samples per class"}:', '',
-                  '| loss vs baseline | ' + ' | '.join(f'{x} {unit}' for x in xs) + ' |', '|---|' + '---|' * len(xs)]
-        for loss, baseline in (('Type-I', 'softmax'), ('Type-II', 'softmax'), ('Type-II', 'Type-I')):
-            row = []
-            for x in xs:
-                k, n = (x, design.class_study_samples) if study == 'classes' else (design.samples_study_classes, x)
-                diff = paired_difference(records, _loss_spec(loss, k, n, 0, recipe).condition(),
-                                         _loss_spec(baseline, k, n, 0, recipe).condition())
-                row.append(str(diff) if diff else 'not yet run')
-            lines.append(f'| {loss} vs {baseline} | ' + ' | '.join(row) + ' |')
-        lines.append('')
+                  *_markdown_table('loss vs baseline', [f'{x} {unit}' for x, _, _ in columns], rows), '']
     lines += ['Ablation, against discriminative grouping at the same G:', '',
-              '| G | ' + ' | '.join(GROUPINGS[1:]) + ' |', '|---|' + '---|' * len(GROUPINGS[1:])]
-    for g in design.ablation_groups:
-        base = _loss_spec('Type-II', design.ablation_classes, design.ablation_samples, 0, recipe, g, GROUPINGS[0])
-        row = []
-        for grouping in GROUPINGS[1:]:
-            spec = _loss_spec('Type-II', design.ablation_classes, design.ablation_samples, 0, recipe, g, grouping)
-            diff = paired_difference(records, spec.condition(), base.condition())
-            row.append(str(diff) if diff else 'not yet run')
-        lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
-    softmax = _loss_spec('softmax', design.ablation_classes, design.ablation_samples, 0, recipe).condition()
+              *_markdown_table('G', GROUPINGS[1:], (
+                  (g, [paired_difference(records, ablation(g, grouping), ablation(g, GROUPINGS[0]))
+                       for grouping in GROUPINGS[1:]]) for g in design.ablation_groups))]
+    softmax = condition('softmax', design.ablation_classes, design.ablation_samples)
     lines += ['', f'Ablation, against softmax on the same data ({design.ablation_classes} classes, '
               f'{design.ablation_samples} per class):', '',
-              '| G | ' + ' | '.join(GROUPINGS) + ' |', '|---|' + '---|' * len(GROUPINGS)]
-    for g in design.ablation_groups:
-        row = []
-        for grouping in GROUPINGS:
-            spec = _loss_spec('Type-II', design.ablation_classes, design.ablation_samples, 0, recipe, g, grouping)
-            diff = paired_difference(records, spec.condition(), softmax)
-            row.append(str(diff) if diff else 'not yet run')
-        lines.append(f'| {g} | ' + ' | '.join(row) + ' |')
+              *_markdown_table('G', GROUPINGS, (
+                  (g, [paired_difference(records, ablation(g, grouping), softmax) for grouping in GROUPINGS])
+                  for g in design.ablation_groups))]
     lines += ['', '## Fit: training against test loss', '',
               'Last-epoch softmax cross-entropy on the training batches / last test loss, mean over seeds. '
               'Whatever loss a run optimised, both numbers are the plain softmax loss of its classifier; a '
@@ -677,19 +672,17 @@ def format_table(records: Sequence[Dict[str, Any]], design: StudyDesign, recipe:
         pair = last_losses(record)
         if pair is not None:
             fits.setdefault(_spec_of(record).condition(), []).append(pair)
-    for study, unit in (('classes', 'classes'), ('samples', 'per class')):
-        xs = list(design.classes if study == 'classes' else design.samples)
+
+    def fit(pairs: Optional[List[Tuple[float, float]]]) -> Optional[str]:
+        if not pairs:
+            return None
+        return f'{sum(p[0] for p in pairs) / len(pairs):.3f} / {sum(p[1] for p in pairs) / len(pairs):.3f}'
+
+    for study, unit, _ in studies:
+        columns = _study_columns(design, study)
+        rows = ((loss, [fit(fits.get(condition(loss, k, n))) for _, k, n in columns]) for loss in LOSSES)
         lines += [f'{"Number of classes" if study == "classes" else "Samples per class"}:', '',
-                  '| loss | ' + ' | '.join(f'{x} {unit}' for x in xs) + ' |', '|---|' + '---|' * len(xs)]
-        for loss in LOSSES:
-            row = []
-            for x in xs:
-                k, n = (x, design.class_study_samples) if study == 'classes' else (design.samples_study_classes, x)
-                pairs = fits.get(_loss_spec(loss, k, n, 0, recipe).condition())
-                row.append(f'{sum(p[0] for p in pairs) / len(pairs):.3f} / {sum(p[1] for p in pairs) / len(pairs):.3f}'
-                           if pairs else 'not yet run')
-            lines.append(f'| {loss} | ' + ' | '.join(row) + ' |')
-        lines.append('')
+                  *_markdown_table('loss', [f'{x} {unit}' for x, _, _ in columns], rows), '']
     wall = sum(r['wall_s'] for r in records)
     lines += [f'{len(records)} runs, {wall / 3600:.2f} h of wall time in all.', '']
     return '\n'.join(lines)

@@ -8,7 +8,6 @@ is typed by hand; ``tests/test_results_doc.py`` checks the two files agree.
     python tools/fill_results_doc.py [--table results/table.md] [--doc docs/results.md]
 """
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -16,16 +15,10 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+from reproduce import PAPER_TABLE_B2  # noqa: E402  (the paper's Table B.2, as the report quotes it)
+
 _MARKED = re.compile(r'(<!-- measured:(\w+) -->\n)(.*?)(<!-- /measured -->)', re.S)
-
-
-def _reproduce():
-    spec = importlib.util.spec_from_file_location('experiments_reproduce',
-                                                  os.path.join(ROOT, 'experiments', 'reproduce.py'))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _section(text: str, heading: str) -> str:
@@ -55,13 +48,12 @@ def _cells(line: str) -> List[str]:
 
 def blocks(table: str) -> Dict[str, str]:
     """The page's tables, by marker name, built from the report text ``table``."""
-    reproduce = _reproduce()
     out = {}
     for name, heading, unit in (('classes', 'Number of classes', 'classes'),
                                 ('samples', 'Samples per class', 'per class')):
         (measured,) = _tables(_section(table, heading))
         header = _cells(measured[0])[1:]
-        paper = reproduce.PAPER_TABLE_B2[name]
+        paper = PAPER_TABLE_B2[name]
         columns = list(paper['softmax'])
         lines = ['| | Paper: ' + ' | '.join(columns) + f' {unit} | Here: ' + ' | '.join(header) + ' |',
                  '|---|' + '---|' * (len(columns) + len(header))]
