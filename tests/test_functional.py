@@ -88,12 +88,37 @@ def ref_groups(
             blocks.append(list(range(start, start + size)))
             start += size
         return [blocks for _ in range(batch)]
+    if grouping == 'zero-aware':
+        return ref_zero_aware_groups(ref_discriminativity(z, target), groups)
     assert grouping == 'discriminative'
     scores = ref_discriminativity(z, target)
     for n in range(batch):
-        gaps = scores[n].sort().values.diff()
+        # Exact zeros (zero features) tie exactly in both computations and go by index; other ties would
+        # depend on rounding.
+        gaps = scores[n][scores[n] != 0].sort().values.diff()
         assert bool((gaps > 1e-9).all()), 'reference inputs must be tie-free'
     return [ref_sorted_groups(scores[n].tolist(), groups) for n in range(batch)]
+
+
+def ref_zero_aware_groups(scores: torch.Tensor, groups: int) -> List[List[List[int]]]:
+    """Zero-aware grouping by hand: nonzero scores sorted and cut into G near-equal blocks, then the
+    zero-score features, in index order, fill each group up to its size of ``ref_sizes(D, G)``."""
+    batch, dim = scores.shape
+    out = []
+    for n in range(batch):
+        row = scores[n].tolist()
+        nonzero = [j for j in range(dim) if row[j] != 0]
+        zeros = [j for j in range(dim) if row[j] == 0]
+        blocks = ref_sorted_groups([row[j] for j in nonzero], groups)   # positions within `nonzero`
+        sample = [[nonzero[p] for p in block] for block in blocks]
+        start = 0
+        for members, size in zip(sample, ref_sizes(dim, groups)):
+            room = size - len(members)
+            members.extend(zeros[start:start + room])
+            start += room
+        assert start == len(zeros)
+        out.append([sorted(m) for m in sample])
+    return out
 
 
 def ref_log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -558,3 +583,99 @@ def test_check_values_false_skips_value_checks_on_cpu():
     assert torch.isfinite(group_softmax_loss(**args, check_values=False))
     with pytest.raises(ValueError, match='sum to 1'):
         group_softmax_loss(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-aware grouping and grouping statistics
+# ----------------------------------------------------------------------------------------------
+
+def make_relu_inputs(batch: int, dim: int, num_classes: int, seed: int, zero_prob: float):
+    """Like :func:`make_inputs`, with about ``zero_prob`` of the features exactly zero (as after a ReLU)."""
+    x, w, b, y, gen = make_inputs(batch, dim, num_classes, seed)
+    keep = torch.rand(batch, dim, generator=gen) >= zero_prob
+    x = (x.detach().abs() * keep).requires_grad_()
+    return x, w, b, y, gen
+
+
+def assignment_from_groups(sample_groups: List[List[List[int]]], dim: int) -> torch.Tensor:
+    out = torch.full((len(sample_groups), dim), -1, dtype=torch.int64)
+    for n, groups in enumerate(sample_groups):
+        for i, members in enumerate(groups):
+            out[n, members] = i
+    assert bool((out >= 0).all())
+    return out
+
+
+@pytest.mark.parametrize('loss_type', ['I', 'II'])
+@pytest.mark.parametrize('groups', [1, 2, 3, 4, 8])
+@pytest.mark.parametrize('zero_prob', [0.0, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize('dim', [24, 23], ids=['D_divisible', 'D_uneven'])
+def test_zero_aware_loss_and_gradients_match_literal_reference(loss_type, groups, zero_prob, dim):
+    x, w, b, y, _ = make_relu_inputs(6, dim, 5, seed=groups * 100 + dim, zero_prob=zero_prob)
+    loss = group_softmax_loss(x, w, b, y, groups, loss_type, grouping='zero-aware')
+    expected = ref_loss(x, w, b, y, groups, loss_type, grouping='zero-aware')
+    assert_same_value_and_grads(loss, expected, params(x, w, b))
+
+
+@pytest.mark.parametrize('target_kind', ['hard', 'mixup'])
+@pytest.mark.parametrize('groups', [2, 3, 4, 7])
+@pytest.mark.parametrize('seed', range(4))
+def test_zero_aware_assignment_is_the_literal_one(target_kind, groups, seed):
+    x, w, _, y, gen = make_relu_inputs(9, 31, 6, seed=seed, zero_prob=[0.1, 0.5, 0.8, 0.97][seed])
+    target = make_target(target_kind, y, 6, gen)
+    got = gsl.zero_aware_assignment(x, w, target, groups)
+    want = assignment_from_groups(ref_zero_aware_groups(ref_discriminativity(ref_ingredients(x, w), target), groups), 31)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize('groups', [2, 4, 8])
+def test_zero_aware_deals_zeros_evenly_and_keeps_group_sizes(groups):
+    x, w, _, y, _ = make_relu_inputs(16, 64, 10, seed=groups, zero_prob=0.5)
+    assignment = gsl.zero_aware_assignment(x, w, y, groups)
+    sizes = torch.stack([torch.bincount(row, minlength=groups) for row in assignment])
+    assert torch.equal(sizes, gsl.group_sizes(64, groups).expand(16, groups))
+    zero = (x.detach() == 0)
+    for n in range(16):
+        zeros_per_group = torch.bincount(assignment[n][zero[n]], minlength=groups)
+        nonzero_per_group = torch.bincount(assignment[n][~zero[n]], minlength=groups)
+        assert int(zeros_per_group.max() - zeros_per_group.min()) <= 1
+        assert int(nonzero_per_group.max() - nonzero_per_group.min()) <= 1
+    if groups == 2:
+        return  # with two groups the zeros straddle the cut in the middle: even either way
+    # The plain discriminative sort packs the zeros together instead (into the middle groups).
+    plain = gsl.discriminative_assignment(x, w, y, groups)
+    packed = [torch.bincount(plain[n][zero[n]], minlength=groups) for n in range(16)]
+    assert all(int(c.max() - c.min()) > 1 for c in packed)
+
+
+def test_zero_aware_without_zeros_is_the_discriminative_grouping():
+    x, w, _, y, _ = make_inputs(12, 40, 7, seed=3)
+    assert torch.equal(gsl.zero_aware_assignment(x, w, y, 4), gsl.discriminative_assignment(x, w, y, 4))
+
+
+@pytest.mark.parametrize('loss_type', ['I', 'II'])
+@pytest.mark.parametrize('grouping', ['discriminative', 'zero-aware', 'contiguous'])
+@pytest.mark.parametrize('target_kind', ['hard', 'mixup'])
+def test_grouping_statistics_match_a_count_by_hand(loss_type, grouping, target_kind):
+    groups, dim, num_classes = 4, 24, 5
+    x, w, b, y, gen = make_relu_inputs(7, dim, num_classes, seed=11, zero_prob=0.4)
+    target = make_target(target_kind, y, num_classes, gen)
+    stats = gsl.grouping_statistics(x, w, b, target, groups, loss_type, grouping)
+    z = ref_ingredients(x.detach(), w.detach())
+    soft = target if target.is_floating_point() else one_hot_rows(target, num_classes)
+    sample_groups = ref_groups(z, target, groups, grouping)
+    counts = torch.zeros(groups, dtype=torch.float64)
+    losses = torch.zeros(groups, dtype=torch.float64)
+    for n, members_of in enumerate(sample_groups):
+        for i, members in enumerate(members_of):
+            counts[i] += sum(float(x[n, j]) != 0 for j in members)
+            logit = z[n, members, :].sum(0) + b.detach() / groups
+            losses[i] += ref_cross_entropy(groups * logit if loss_type == 'I' else logit, soft[n])
+    batch = x.shape[0]
+    assert float(stats.zero_fraction) == pytest.approx(float((x == 0).double().mean()), abs=1e-6)
+    torch.testing.assert_close(stats.nonzero_per_group.double(), counts / batch, rtol=0, atol=1e-5)
+    torch.testing.assert_close(stats.group_loss.double(), losses / batch, rtol=1e-5, atol=1e-5)
+    # The loss is the sum (Type-II) or the mean (Type-I) of the per-group losses.
+    loss = group_softmax_loss(x, w, b, target, groups, loss_type, grouping)
+    total = stats.group_loss.sum() if loss_type == 'II' else stats.group_loss.mean()
+    assert float(loss) == pytest.approx(float(total), rel=1e-5)

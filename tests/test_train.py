@@ -179,6 +179,8 @@ def test_variable_batch_loss_scale():
     (['--loss', 'ce', '--gsl-groups', '8'], '--gsl-groups configure the group softmax loss'),
     (['--loss', 'ce', '--bce-sum'], '--bce-sum apply to the bce loss only'),
     (['--aug-repeats', '3'], '--aug-repeats 3 needs distributed training'),
+    (['--train-eval-interval', '-1'], '--train-eval-interval -1 is invalid'),
+    (['--no-train-eval', '--train-eval-interval', '2'], '--train-eval-interval 2 asks for the measurement'),
     (['--loss', 'ce', '--jsd-loss', '--aug-splits', '2', '--train-batches-per-epoch', '0', '--no-prefetcher'],
      'drop --no-prefetcher'),
 ])
@@ -357,3 +359,91 @@ def test_no_prefetcher_mixup_and_ema_run(tmp_path, monkeypatch):
     assert calls and all(c[2].is_floating_point() for c in calls)
     assert 'model_best.pth.tar' in os.listdir(result['output_dir'])
     assert 'state_dict_ema' in torch.load(os.path.join(result['output_dir'], 'last.pth.tar'), weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fit to the training set and grouping health
+# ----------------------------------------------------------------------------------------------
+
+def test_clean_training_set_is_measured_after_the_last_epoch_by_default(tmp_path, caplog):
+    caplog.set_level('INFO')
+    result = _run(tmp_path, '--epochs', '3')
+    rows = _summary_rows(result['output_dir'])
+    assert [bool(r['train_clean_top1']) for r in rows] == [False, False, True]
+    assert [bool(r['train_clean_loss']) for r in rows] == [False, False, True]
+    assert float(rows[-1]['train_clean_top1']) == pytest.approx(result['clean_train_metrics']['top1'])
+    assert 'Clean training set (no augmentation, eval mode): loss' in caplog.text
+
+
+def test_train_eval_interval_measures_every_n_epochs_and_the_last(tmp_path):
+    rows = _summary_rows(_run(tmp_path, '--epochs', '5', '--train-eval-interval', '2')['output_dir'])
+    assert [bool(r['train_clean_top1']) for r in rows] == [False, True, False, True, True]
+
+
+def test_no_train_eval_writes_no_clean_columns(tmp_path, caplog):
+    caplog.set_level('INFO')
+    result = _run(tmp_path, '--epochs', '1', '--no-train-eval')
+    assert not any(k.startswith('train_clean') for k in _summary_rows(result['output_dir'])[0])
+    assert result['clean_train_metrics'] == {}
+    assert 'Clean training set' not in caplog.text
+
+
+def test_clean_training_metrics_equal_a_direct_evaluation_of_the_final_model(tmp_path):
+    """The final model, the training images once each through timm's eval transform: same loss and top-1."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from timm_gsl.data import create_dataset
+
+    result = _run(tmp_path, '--epochs', '2', '--loss', 'ce')
+    out = result['output_dir']
+    checkpoint = torch.load(os.path.join(out, 'last.pth.tar'), map_location='cpu', weights_only=False)
+    args = checkpoint['args']
+    model = timm.create_model('test_resnet', num_classes=3, in_chans=args.in_chans or 3)
+    model.load_state_dict(checkpoint['state_dict'])
+    model.eval()
+    config = resolve_data_config(vars(args), model=model)
+    dataset = create_dataset(args.dataset, split='train', is_training=True, class_subset=args.class_subset,
+                             samples_per_class=args.samples_per_class, seed=args.seed,
+                             transform=create_transform(**config, is_training=False),
+                             input_img_mode='L' if (args.in_chans or 3) == 1 else 'RGB')
+    losses, correct = [], 0
+    with torch.no_grad():
+        for image, label in dataset:
+            logits = model(image.unsqueeze(0))
+            losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor([label]))))
+            correct += int(logits.argmax(1).item() == label)
+    assert len(losses) == 3 * 8
+    measured = result['clean_train_metrics']
+    assert measured['loss'] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert measured['top1'] == pytest.approx(100. * correct / len(losses))
+
+
+def test_gsl_run_logs_grouping_health_per_epoch(tmp_path, caplog):
+    caplog.set_level('INFO')
+    result = _run(tmp_path, '--epochs', '2', '--gsl-groups', '4', '--gsl-type', 'II')
+    rows = _summary_rows(result['output_dir'])
+    import timm
+    dim = timm.create_model('test_resnet').num_features  # the classifier input's size
+    for row in rows:
+        zero = float(row['train_gsl_zero_frac'])
+        nonzero = [float(row[f'train_gsl_nonzero_g{i}']) for i in range(1, 5)]
+        losses = [float(row[f'train_gsl_loss_g{i}']) for i in range(1, 5)]
+        assert 0 <= zero <= 1
+        assert sum(nonzero) == pytest.approx((1 - zero) * dim, rel=1e-5)
+        # Type-II is the sum of the group losses, measured on the same batches.
+        assert sum(losses) == pytest.approx(float(row['train_loss']), rel=1e-4)
+    assert 'Grouping:' in caplog.text and 'nonzero features per group' in caplog.text
+
+
+def test_ce_run_has_no_grouping_columns(tmp_path):
+    rows = _summary_rows(_run(tmp_path, '--epochs', '1', '--loss', 'ce')['output_dir'])
+    assert not any(k.startswith('train_gsl_') for k in rows[0])
+
+
+def test_learning_curve_legend_names_smoothed_and_mixed_targets():
+    from timm_gsl.train import _train_targets
+    for flags, expected in (([], ''), (['--smoothing', '0.1'], 'smoothed targets'),
+                            (['--mixup', '0.2', '--smoothing', '0.1'], 'mixed, smoothed targets'),
+                            (['--cutmix', '1.0'], 'mixed targets')):
+        args, _ = parse_args(flags + ['--smoothing', '0'] if '--smoothing' not in flags else flags)
+        assert _train_targets(args) == expected

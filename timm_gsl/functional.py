@@ -15,7 +15,7 @@ feature into its group's slot (B x G x D, mostly zeros) and one matmul with the 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,15 @@ __all__ = [
     'group_sizes',
     'sorted_assignment',
     'discriminative_assignment',
+    'zero_aware_assignment',
     'random_assignment',
     'contiguous_assignment',
     'make_assignment',
     'group_logits',
     'group_cross_entropy',
     'group_softmax_loss',
+    'GroupingStatistics',
+    'grouping_statistics',
     'smooth_targets',
     'check_loss_type',
     'check_grouping',
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 LOSS_TYPES: Tuple[str, ...] = ('I', 'II')
-GROUPINGS: Tuple[str, ...] = ('discriminative', 'random', 'contiguous')
+GROUPINGS: Tuple[str, ...] = ('discriminative', 'random', 'contiguous', 'zero-aware')
 
 Grouping = Union[str, torch.Tensor]
 
@@ -228,6 +231,53 @@ def discriminative_assignment(
     return sorted_assignment(discriminativity(features, weight, target), groups)
 
 
+def zero_aware_assignment(
+        features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, groups: int) -> torch.Tensor:
+    """Discriminative grouping that deals the features of zero discriminativity evenly across groups.
+
+    A feature whose discriminativity is exactly 0 (in practice: a classifier input that is exactly 0,
+    as after a ReLU) contributes nothing to any logit, yet the ascending sort of
+    :func:`discriminative_assignment` packs all of them into the middle groups, whose group logits are
+    then little more than ``b / G``. Here the ``P`` nonzero features of a sample are sorted by
+    discriminativity and cut into G blocks of sizes ``group_sizes(P, G)`` (group 0 the least
+    discriminative, ties by feature index), and the zero features, in feature-index order, fill every
+    group up to its size ``group_sizes(D, G)``. Group sizes are those of every other grouping; each group
+    gets ``(D - P) / G`` zeros up to one. With no zero feature it is :func:`discriminative_assignment`.
+
+    Args:
+        features: B x D classifier inputs.
+        weight: C x D classifier weight.
+        target: B class indices or B x C soft targets.
+        groups: number of groups G.
+
+    Returns:
+        B x D int64 group indices.
+    """
+    scores = discriminativity(features, weight, target)
+    batch, dim = scores.shape
+    device = scores.device
+    is_zero = scores == 0
+    nonzero = dim - is_zero.sum(1, keepdim=True)                       # P per sample, B x 1
+    # Rank of each nonzero feature among the nonzero ones (zeros sorted past the end).
+    key = scores.masked_fill(is_zero, float('inf'))
+    order = torch.sort(key, dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(dim, device=device).expand(batch, dim))
+    # Block of rank r when P features are cut into G blocks, the first P mod G one larger.
+    base, extra = nonzero // groups, nonzero % groups
+    long_span = extra * (base + 1)
+    in_long = rank < long_span
+    nonzero_group = torch.where(in_long, rank // (base + 1),
+                                extra + (rank - long_span) // base.clamp(min=1))
+    # Zeros in feature-index order fill the room each group has left.
+    all_sizes = group_sizes(dim, groups).to(device)                     # G
+    ks = torch.arange(groups, device=device)
+    nonzero_sizes = base + (ks < extra).long()                          # B x G
+    room_end = torch.cumsum(all_sizes - nonzero_sizes, dim=1)           # B x G
+    zero_rank = torch.cumsum(is_zero.long(), dim=1) - 1
+    zero_group = torch.searchsorted(room_end.contiguous(), zero_rank.contiguous(), right=True)
+    return torch.where(is_zero, zero_group.clamp(max=groups - 1), nonzero_group)
+
+
 def random_assignment(
         batch: int,
         num_features: int,
@@ -271,9 +321,10 @@ def make_assignment(
     Args:
         features: B x D classifier inputs.
         weight: C x D classifier weight.
-        target: class indices or soft targets (used by the discriminative grouping only).
+        target: class indices or soft targets (used by the discriminative groupings only).
         groups: number of groups G.
-        grouping: 'discriminative', 'random', 'contiguous', or an explicit int64 assignment of shape
+        grouping: 'discriminative', 'random', 'contiguous', 'zero-aware' (see
+            :func:`zero_aware_assignment`), or an explicit int64 assignment of shape
             B x D or D (the same for every sample) with values in [0, G).
         generator: random generator for ``grouping='random'``.
 
@@ -300,6 +351,8 @@ def make_assignment(
     grouping = check_grouping(grouping)
     if grouping == 'discriminative':
         return discriminative_assignment(features, weight, target, groups)
+    if grouping == 'zero-aware':
+        return zero_aware_assignment(features, weight, target, groups)
     if grouping == 'random':
         return random_assignment(batch, dim, groups, device=features.device, generator=generator)
     return contiguous_assignment(batch, dim, groups, device=features.device)
@@ -366,6 +419,13 @@ def group_cross_entropy(
         B per-sample losses.
     """
     loss_type = check_loss_type(loss_type)
+    per_group = _per_group_cross_entropy(group_logits, target, loss_type, label_smoothing)
+    return per_group.mean(1) if loss_type == 'I' else per_group.sum(1)
+
+
+def _per_group_cross_entropy(
+        group_logits: torch.Tensor, target: torch.Tensor, loss_type: str, label_smoothing: float) -> torch.Tensor:
+    """B x G cross-entropies of the group logits as the loss type sees them (Type-I: scaled by G)."""
     num_groups = group_logits.shape[1]
     logits = group_logits.to(torch.promote_types(group_logits.dtype, torch.float32))
     if loss_type == 'I':
@@ -378,7 +438,7 @@ def group_cross_entropy(
         per_group = -log_prob.gather(2, index).squeeze(2)
         if label_smoothing:
             per_group = (1.0 - label_smoothing) * per_group - label_smoothing * log_prob.mean(-1)
-    return per_group.mean(1) if loss_type == 'I' else per_group.sum(1)
+    return per_group
 
 
 def group_softmax_loss(
@@ -403,7 +463,8 @@ def group_softmax_loss(
         groups: number of groups G, 1 <= G <= D.
         loss_type: 'I' (group logits scaled by G, losses averaged) or 'II' (losses summed).
         grouping: 'discriminative' (sort by λ, the paper's method), 'random' (a fresh equal-size
-            partition per sample), 'contiguous' (fixed blocks of consecutive features), or an explicit
+            partition per sample), 'contiguous' (fixed blocks of consecutive features), 'zero-aware'
+            (discriminative, with zero-discriminativity features dealt evenly across groups), or an explicit
             int64 assignment tensor (B x D or D) with values in [0, G).
         generator: random generator for ``grouping='random'``.
         label_smoothing: ε, for class-index targets only. The discriminative grouping is unchanged by
@@ -429,3 +490,59 @@ def group_softmax_loss(
     assignment = make_assignment(features, weight, target, groups, grouping, generator)
     logits = group_logits(features, weight, bias, assignment, groups)
     return group_cross_entropy(logits, target, loss_type, label_smoothing).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouping health
+# ----------------------------------------------------------------------------------------------
+
+class GroupingStatistics(NamedTuple):
+    """How the features of a batch were grouped, batch means (see :func:`grouping_statistics`).
+
+    Attributes:
+        zero_fraction: fraction of classifier inputs that are exactly 0 (0-dim tensor).
+        nonzero_per_group: G, mean number of nonzero features in each group (group 0: least discriminative).
+        group_loss: G, mean cross-entropy of each group's logits, as the loss type sees them (Type-I: the
+            group logits scaled by G); Type-II's loss is their sum, Type-I's their mean.
+    """
+    zero_fraction: torch.Tensor
+    nonzero_per_group: torch.Tensor
+    group_loss: torch.Tensor
+
+
+@torch.no_grad()
+def grouping_statistics(
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        target: torch.Tensor,
+        groups: int,
+        loss_type: str = 'II',
+        grouping: Grouping = 'discriminative',
+        generator: Optional[torch.Generator] = None,
+        label_smoothing: float = 0.0,
+) -> GroupingStatistics:
+    """Measure the grouping of a batch: zero inputs, nonzero features per group, loss per group.
+
+    A group that holds mostly zero features has group logits close to ``b / G`` and a loss close to
+    ``log C`` whatever the weights: these numbers show whether the grouping is degenerate. Computed without
+    autograd; ``grouping='random'`` draws its own partition (statistically that of the loss).
+
+    Args:
+        features, weight, bias, target, groups, loss_type, grouping, generator, label_smoothing: as in
+            :func:`group_softmax_loss`.
+
+    Returns:
+        A :class:`GroupingStatistics` of float32 tensors (means over the batch).
+    """
+    check_groups(groups, features.shape[1])
+    assignment = make_assignment(features, weight, target, groups, grouping, generator)
+    logits = group_logits(features, weight, bias, assignment, groups)
+    per_group = _per_group_cross_entropy(logits, target, check_loss_type(loss_type), label_smoothing)
+    nonzero = (features != 0).to(torch.float32)
+    counts = torch.zeros(features.shape[0], groups, device=features.device).scatter_add_(1, assignment, nonzero)
+    return GroupingStatistics(
+        zero_fraction=1.0 - nonzero.mean(),
+        nonzero_per_group=counts.mean(0),
+        group_loss=per_group.float().mean(0),
+    )

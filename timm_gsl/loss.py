@@ -6,7 +6,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .functional import GROUPINGS, check_groups, check_grouping, check_loss_type, group_softmax_loss
+from .functional import (
+    GROUPINGS, GroupingStatistics, check_groups, check_grouping, check_loss_type, group_softmax_loss,
+    grouping_statistics)
 from .head import GroupSoftmaxOutput
 
 __all__ = ['GroupSoftmaxLoss']
@@ -22,7 +24,8 @@ class GroupSoftmaxLoss(nn.Module):
     Args:
         groups: number of feature groups G (>= 1; at most the classifier's feature size).
         loss_type: 'I' (tighter bound, for plenty of data) or 'II' (stronger regulariser).
-        grouping: 'discriminative' (the paper's), 'random' or 'contiguous' (ablation baselines).
+        grouping: 'discriminative' (the paper's), 'random' or 'contiguous' (ablation baselines), or
+            'zero-aware' (discriminative, with zero-discriminativity features dealt evenly across groups).
         smoothing: label smoothing ε applied to class-index targets (soft targets pass unchanged).
 
     Examples:
@@ -68,19 +71,40 @@ class GroupSoftmaxLoss(nn.Module):
             weight: C x D classifier weight, with plain-tensor features only.
             bias: C classifier bias, with plain-tensor features only.
         """
+        features, weight, bias = self._classifier(output, weight, bias)
+        return group_softmax_loss(
+            features, weight, bias, target, self.groups,
+            loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
+
+    def statistics(
+            self,
+            output: Union[GroupSoftmaxOutput, torch.Tensor],
+            target: torch.Tensor,
+            weight: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None,
+    ) -> GroupingStatistics:
+        """How this loss groups a batch: zero inputs, nonzero features and loss per group (no autograd).
+
+        Takes the same arguments as :meth:`forward`; see :func:`timm_gsl.functional.grouping_statistics`.
+        """
+        features, weight, bias = self._classifier(output, weight, bias)
+        return grouping_statistics(
+            features, weight, bias, target, self.groups,
+            loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
+
+    def _smoothing_for(self, target: torch.Tensor) -> float:
+        return self.smoothing if not target.is_floating_point() else 0.0
+
+    @staticmethod
+    def _classifier(output, weight, bias):
         if isinstance(output, GroupSoftmaxOutput):
             if weight is not None or bias is not None:
                 raise ValueError("weight and bias come from the GroupSoftmaxOutput; do not pass them too.")
-            features, weight, bias = output.features, output.weight, output.bias
-        elif weight is not None:
-            features = output
-        else:
-            raise ValueError(
-                "GroupSoftmaxLoss needs the classifier's input features, weight and bias, but got plain "
-                f"{type(output).__name__} logits: convert the model with timm_gsl.convert_model(model) (or create it "
-                "with timm.create_model('group_softmax', base_model=...)) and call it in training mode, "
-                "or pass features with weight= and bias=.")
-        smoothing = self.smoothing if not target.is_floating_point() else 0.0
-        return group_softmax_loss(
-            features, weight, bias, target, self.groups,
-            loss_type=self.loss_type, grouping=self.grouping, label_smoothing=smoothing)
+            return output.features, output.weight, output.bias
+        if weight is not None:
+            return output, weight, bias
+        raise ValueError(
+            "GroupSoftmaxLoss needs the classifier's input features, weight and bias, but got plain "
+            f"{type(output).__name__} logits: convert the model with timm_gsl.convert_model(model) (or create it "
+            "with timm.create_model('group_softmax', base_model=...)) and call it in training mode, "
+            "or pass features with weight= and bias=.")

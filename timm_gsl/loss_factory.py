@@ -49,7 +49,7 @@ def create_classification_loss(
         soft_targets: targets arrive as B x C soft distributions.
         gsl_groups: G, the number of feature groups ('gsl' only).
         gsl_type: 'I' or 'II' ('gsl' only).
-        gsl_grouping: 'discriminative', 'random' or 'contiguous' ('gsl' only).
+        gsl_grouping: 'discriminative', 'random', 'contiguous' or 'zero-aware' ('gsl' only).
         **timm_kwargs: passed to :func:`timm.loss.create_classification_loss` for timm's losses.
 
     Returns:

@@ -11,6 +11,7 @@ from timm.task import ClassificationTask
 
 from .functional import smooth_targets
 from .head import GroupSoftmaxOutput, convert_model
+from .loss import GroupSoftmaxLoss
 from .loss_factory import create_classification_loss
 
 __all__ = ['GroupSoftmaxTask']
@@ -35,10 +36,15 @@ class GroupSoftmaxTask(ClassificationTask):
         device: device for task tensors.
         dtype: dtype for task tensors.
         verbose: log the criterion.
+        grouping_statistics: also measure how the criterion groups each batch (a
+            :class:`timm_gsl.functional.GroupingStatistics` under ``'grouping_statistics'`` in the result;
+            needs a :class:`GroupSoftmaxLoss` criterion). It costs one more grouping and group-logit pass of the
+            classifier, without autograd.
 
     The result of ``task(input, target)`` holds ``loss`` (the group loss), ``output`` (the logits)
     and ``softmax_loss`` (the ordinary softmax cross-entropy of the same logits and targets,
-    detached), whose gap to ``loss`` is the regulariser at work.
+    detached), whose gap to ``loss`` is the regulariser at work; with ``grouping_statistics`` also
+    ``grouping_statistics``.
 
     Examples:
         >>> task = GroupSoftmaxTask(model, criterion_kwargs=dict(gsl_groups=4, gsl_type='II'))
@@ -54,14 +60,19 @@ class GroupSoftmaxTask(ClassificationTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            grouping_statistics: bool = False,
     ):
         if criterion is None:
             criterion = create_classification_loss(**dict(dict(loss_type='gsl'), **(criterion_kwargs or {})))
         elif criterion_kwargs:
             raise ValueError(
                 f'Pass either an explicit criterion or criterion_kwargs, not both: {sorted(criterion_kwargs)}')
+        if grouping_statistics and not isinstance(criterion, GroupSoftmaxLoss):
+            raise ValueError(f'grouping_statistics=True needs a GroupSoftmaxLoss criterion, got '
+                             f'{type(criterion).__name__}.')
         convert_model(model)
         super().__init__(model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
+        self.grouping_statistics = grouping_statistics
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Forward pass and group softmax loss.
@@ -71,7 +82,7 @@ class GroupSoftmaxTask(ClassificationTask):
             target: B class indices or B x C soft targets (Mixup/CutMix).
 
         Returns:
-            ``{'loss', 'output', 'softmax_loss'}``.
+            ``{'loss', 'output', 'softmax_loss'}``, and ``'grouping_statistics'`` when enabled.
         """
         output = self.trainable_module(input)
         if not isinstance(output, GroupSoftmaxOutput):
@@ -89,4 +100,7 @@ class GroupSoftmaxTask(ClassificationTask):
                 softmax_loss = F.cross_entropy(logits, target)
             else:
                 softmax_loss = -(soft.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).mean()
-        return {'loss': loss, 'output': output.logits, 'softmax_loss': softmax_loss}
+        result = {'loss': loss, 'output': output.logits, 'softmax_loss': softmax_loss}
+        if self.grouping_statistics:
+            result['grouping_statistics'] = self.criterion.statistics(output, target)
+        return result

@@ -46,7 +46,7 @@ from .hub import publish_run, repo_id_type
 from .head import classifier_layers
 from .training import AtomicCheckpointSaver, NonFiniteLossError, TrainingState, evaluate, format_summary
 from .training import check_checkpoint_fits, plot_learning_curves, read_checkpoint, train_one_epoch
-from .training import read_summary, write_text_atomic
+from .training import GroupingMeter, read_summary, write_text_atomic
 
 __all__ = ['TRAIN_LOSSES', 'GSL_TYPE_CHOICES', 'DATA_FLAGS', 'get_args_parser', 'parse_args']
 
@@ -316,7 +316,18 @@ def _add_loss_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--gsl-type', default='auto', choices=GSL_TYPE_CHOICES,
                        help='I, II, or auto: Type-II below 500K training images, Type-I above (default: auto)')
     group.add_argument('--gsl-grouping', default='discriminative', choices=GROUPINGS,
-                       help='feature grouping: discriminative (the paper\'s), random or contiguous (ablations)')
+                       help='feature grouping: discriminative (the paper\'s), random or contiguous (ablations), or '
+                            'zero-aware (discriminative, with zero-discriminativity features dealt evenly across '
+                            'groups) (default: discriminative)')
+
+
+def _add_fit_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Fit to the training set')
+    group.add_argument('--train-eval-interval', type=int, default=0, metavar='N',
+                       help='also measure top-1 and softmax loss on the un-augmented training images in eval mode '
+                            'every N epochs; 0: after the last epoch only (default: 0)')
+    group.add_argument('--no-train-eval', action='store_true', default=False,
+                       help='never measure the un-augmented training images')
 
 
 def _add_misc_args(parser: argparse.ArgumentParser) -> None:
@@ -443,6 +454,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_schedule_args(parser)
     _add_augmentation_args(parser)
     _add_loss_args(parser)
+    _add_fit_args(parser)
     _add_misc_args(parser)
     return parser
 
@@ -675,6 +687,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f'--push-to-hub {args.push_to_hub}: no Hugging Face token; set HF_TOKEN or run '
                              f'`hf auth login` before training (or drop --push-to-hub and publish later with '
                              f'`python -m timm_gsl push`).')
+    if args.train_eval_interval < 0:
+        raise ValueError(f'--train-eval-interval {args.train_eval_interval} is invalid, expected 0 (after the last '
+                         f'epoch only) or an interval N >= 1; to skip the measurement pass --no-train-eval.')
+    if args.no_train_eval and args.train_eval_interval:
+        raise ValueError(f'--train-eval-interval {args.train_eval_interval} asks for the measurement that '
+                         f'--no-train-eval turns off; pass one of them.')
     for flag, value in (('--gsl-groups', args.gsl_groups), ('--grad-accum-steps', args.grad_accum_steps),
                         ('--val-interval', args.val_interval), ('--checkpoint-hist', args.checkpoint_hist)):
         check_at_least(flag, value)
@@ -707,9 +725,8 @@ def _loss_name(args: argparse.Namespace) -> str:
     return args.loss
 
 
-def _create_datasets(args: argparse.Namespace):
-    if args.data and not args.data_dir:
-        args.data_dir = args.data
+def _dataset_options(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The data conditions and timm's dataset options shared by every split."""
     conditions = dict(class_subset=args.class_subset, samples_per_class=args.samples_per_class, seed=args.seed)
     common = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
                   input_img_mode=args.input_img_mode, input_key=args.input_key, target_key=args.target_key,
@@ -719,6 +736,13 @@ def _create_datasets(args: argparse.Namespace):
         # three identical channels).
         channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
         common['input_img_mode'] = 'L' if channels == 1 else 'RGB'
+    return conditions, common
+
+
+def _create_datasets(args: argparse.Namespace):
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    conditions, common = _dataset_options(args)
     try:
         train = create_dataset(
             args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
@@ -734,6 +758,16 @@ def _create_datasets(args: argparse.Namespace):
             raise
         raise ValueError(f'{" with ".join(given)}: {e}') from e
     return train, val
+
+
+def _create_clean_train_dataset(args: argparse.Namespace):
+    """The training images once each (same classes and images as training), for the eval-mode fit measurement.
+
+    A separate dataset object, so that the evaluation transforms the loader gives it leave training alone.
+    """
+    conditions, common = _dataset_options(args)
+    return create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                          num_samples=args.train_num_samples, **conditions, **common)
 
 
 # Dataset names timm resolves through a reader that needs --data-dir to exist already (image folders, tars).
@@ -854,7 +888,7 @@ def _create_task(args: argparse.Namespace, model: nn.Module, device: torch.devic
         criterion = create_classification_loss(
             loss_type='gsl', smoothing=args.smoothing, soft_targets=soft_targets, gsl_groups=args.gsl_groups,
             gsl_type=args.gsl_type, gsl_grouping=args.gsl_grouping)
-        return GroupSoftmaxTask(model, criterion=criterion.to(device), device=device)
+        return GroupSoftmaxTask(model, criterion=criterion.to(device), device=device, grouping_statistics=True)
     timm_options = dict(jsd_splits=num_aug_splits) if loss == 'jsd' else {}
     if loss == 'bce':
         timm_options.update(bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
@@ -1071,6 +1105,16 @@ def build_run(args: argparse.Namespace) -> _Run:
         crop_mode=data_config.get('crop_mode'), pin_memory=args.pin_mem,
         img_dtype=run.model_dtype or torch.float32, device=device, use_prefetcher=args.prefetcher)
 
+    run.loader_clean_train = None
+    if not args.no_train_eval:
+        run.loader_clean_train = create_loader(
+            _create_clean_train_dataset(args), input_size=data_config['input_size'],
+            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+            interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+            num_workers=args.workers, distributed=args.distributed, crop_pct=data_config['crop_pct'],
+            crop_mode=data_config.get('crop_mode'), pin_memory=args.pin_mem,
+            img_dtype=run.model_dtype or torch.float32, device=device, use_prefetcher=args.prefetcher)
+
     updates_per_epoch = (len(run.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     run.lr_scheduler, run.num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
@@ -1155,6 +1199,8 @@ def train(run: _Run) -> Dict[str, Any]:
     history: List[Dict[str, Any]] = []
     best_metric = best_epoch = None
     eval_metrics: Dict[str, float] = {}
+    clean_metrics: Dict[str, float] = {}
+    train_targets = _train_targets(args)
     try:
         for epoch in range(run.start_epoch, run.num_epochs):
             for sampler_owner in (run.dataset_train, getattr(run.loader_train, 'batch_sampler', None),
@@ -1168,6 +1214,9 @@ def train(run: _Run) -> Dict[str, Any]:
                     run.loader_train.mixup_enabled = False
             train_metrics = train_one_epoch(epoch, task, run.loader_train, state, softmax_loss_of,
                                             updates_done=run.updates_done if epoch == run.start_epoch else 0)
+            if getattr(task, 'grouping_statistics', False) and 'gsl_zero_frac' not in train_metrics:
+                # An epoch resumed after its last update trained no batch: blank columns keep the CSV aligned.
+                train_metrics.update(GroupingMeter.blank(args.gsl_groups))
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
 
@@ -1181,8 +1230,13 @@ def train(run: _Run) -> Dict[str, Any]:
                     eval_metrics = evaluate(task.get_eval_model(ema=True), run.loader_eval, task,
                                             log_suffix=' (EMA)', **eval_options)
 
+            if run.loader_clean_train is not None:
+                # Blank columns on epochs without the measurement, so that every row matches the header.
+                measured = _measure_clean_train(run, epoch, eval_options)
+                clean_metrics = measured or clean_metrics
+                train_metrics.update((f'clean_{k}', measured[k] if measured else '') for k in ('loss', 'top1'))
             lr = sum(g['lr'] for g in run.optimizer.param_groups) / len(run.optimizer.param_groups)
-            row = dict(epoch=epoch, lr=lr, **{f'train_{k}': v for k, v in train_metrics.items()},
+            row = dict(epoch=epoch, lr=lr, **{f'train_{k}': v for k, v in train_metrics.items() if v != ''},
                        **{f'eval_{k}': v for k, v in eval_metrics.items()})
             history.append(row)
             if output_dir is not None:
@@ -1191,9 +1245,11 @@ def train(run: _Run) -> Dict[str, Any]:
                                      os.path.join(output_dir, 'summary.csv'), lr=lr, log_wandb=False)
                 if wandb_run is not None:
                     wandb_run.log(row)
+            if output_dir is not None and (eval_metrics or epoch + 1 == run.num_epochs):
+                # Redrawn when a validation point is added (a redraw costs about as much as a small epoch).
                 plot_learning_curves(read_summary(os.path.join(output_dir, 'summary.csv')),
                                      os.path.join(output_dir, 'learning_curves.png'),
-                                     title=_run_title(args))
+                                     title=_run_title(args), train_targets=train_targets)
             if saver is not None:
                 metric = eval_metrics.get(args.eval_metric)
                 best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
@@ -1208,14 +1264,44 @@ def train(run: _Run) -> Dict[str, Any]:
     if wandb_run is not None:
         wandb_run.finish()
     summary = format_summary(best_metric, best_epoch, args.eval_metric, output_dir,
-                             last_metrics=eval_metrics or None, elapsed_s=time.time() - started)
+                             last_metrics=eval_metrics or None, elapsed_s=time.time() - started,
+                             clean_train_metrics=clean_metrics or None)
     if primary:
         for line in summary.splitlines():
             _logger.info(line)
     if primary and args.push_to_hub:
         publish_run(args, output_dir)
     return dict(best_metric=best_metric, best_epoch=best_epoch, eval_metric=args.eval_metric,
-                output_dir=output_dir, history=history, last_metrics=eval_metrics)
+                output_dir=output_dir, history=history, last_metrics=eval_metrics,
+                clean_train_metrics=clean_metrics)
+
+
+def _measure_clean_train(run: _Run, epoch: int, eval_options: Dict[str, Any]) -> Dict[str, float]:
+    """Top-1 and softmax loss on the un-augmented training images in eval mode, when due at ``epoch``.
+
+    Due every ``--train-eval-interval`` epochs and after the last one. The model measured is the one the
+    validation metrics come from (the EMA when it is evaluated).
+
+    Returns:
+        The evaluator's metrics (``loss``, ``top1``, ``top5``), or an empty dict when not due.
+    """
+    args, task = run.args, run.task
+    interval = args.train_eval_interval
+    if not (epoch + 1 == run.num_epochs or (interval and (epoch + 1) % interval == 0)):
+        return {}
+    ema = task.has_ema() and not args.model_ema_force_cpu
+    return evaluate(task.get_eval_model(ema=ema), run.loader_clean_train, task,
+                    log_suffix=' (clean train)', **eval_options)
+
+
+def _train_targets(args: argparse.Namespace) -> str:
+    """How the training targets differ from the labels, for the learning-curve legend."""
+    kinds = []
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        kinds.append('mixed')
+    if args.smoothing:
+        kinds.append('smoothed')
+    return f'{", ".join(kinds)} targets' if kinds else ''
 
 
 def _run_title(args: argparse.Namespace) -> str:

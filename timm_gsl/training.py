@@ -402,6 +402,58 @@ def _mean_lr(optimizer: torch.optim.Optimizer) -> float:
     return sum(lrs) / len(lrs)
 
 
+class GroupingMeter:
+    """Sample-weighted means of :class:`~timm_gsl.functional.GroupingStatistics` over an epoch.
+
+    :meth:`metrics` names them as the epoch's metrics: ``gsl_zero_frac``, ``gsl_nonzero_g1`` ..
+    ``gsl_nonzero_gG`` and ``gsl_loss_g1`` .. ``gsl_loss_gG`` (group 1 is the least discriminative).
+    """
+
+    def __init__(self) -> None:
+        self.sums: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def update(self, stats: Any, n: int) -> None:
+        """Add the batch means ``stats`` of a batch of ``n`` samples."""
+        row = torch.cat([stats.zero_fraction.detach().float().reshape(1),
+                         stats.nonzero_per_group.detach().float(), stats.group_loss.detach().float()])
+        row = row * n
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += n
+
+    @staticmethod
+    def names(groups: int) -> List[str]:
+        """The metric names :meth:`metrics` gives for ``groups`` groups, in order."""
+        return (['gsl_zero_frac'] + [f'gsl_nonzero_g{i + 1}' for i in range(groups)]
+                + [f'gsl_loss_g{i + 1}' for i in range(groups)])
+
+    @classmethod
+    def blank(cls, groups: int) -> 'OrderedDict[str, str]':
+        """Empty values under every name of :meth:`names`, for an epoch that measured nothing."""
+        return OrderedDict((name, '') for name in cls.names(groups))
+
+    def metrics(self, distributed: bool = False) -> 'OrderedDict[str, float]':
+        """The epoch's means (over every process when ``distributed``); empty if nothing was added."""
+        if self.sums is None:
+            return OrderedDict()
+        sums = torch.cat([self.sums, self.sums.new_tensor([float(self.count)])])
+        if distributed:
+            torch.distributed.all_reduce(sums)
+        means = (sums[:-1] / sums[-1]).tolist()
+        return OrderedDict(zip(self.names((len(means) - 1) // 2), means))
+
+
+def format_grouping(metrics: Dict[str, float]) -> Optional[str]:
+    """One log line from :meth:`GroupingMeter.metrics` (None when there are none)."""
+    if 'gsl_zero_frac' not in metrics:
+        return None
+    nonzero = [v for k, v in metrics.items() if k.startswith('gsl_nonzero_g')]
+    losses = [v for k, v in metrics.items() if k.startswith('gsl_loss_g')]
+    return (f'Grouping: {100 * metrics["gsl_zero_frac"]:.1f}% of classifier inputs are exactly zero; nonzero '
+            f'features per group (least to most discriminative) [{", ".join(f"{v:.1f}" for v in nonzero)}]; '
+            f'loss per group [{", ".join(f"{v:.3f}" for v in losses)}]')
+
+
 def train_one_epoch(
         epoch: int,
         task: TrainingTask,
@@ -429,8 +481,9 @@ def train_one_epoch(
             of updates.
 
     Returns:
-        ``OrderedDict(loss=..., softmax_loss=...)``, means over the epoch's trained samples
-        (``softmax_loss`` only when known).
+        ``OrderedDict(loss=..., softmax_loss=..., gsl_...)``, means over the epoch's trained samples
+        (``softmax_loss`` only when known; the ``gsl_`` grouping statistics of :class:`GroupingMeter`
+        when the task result holds ``grouping_statistics``).
 
     Raises:
         NonFiniteLossError: a batch loss is NaN or infinite (on any process), before its backward
@@ -443,6 +496,7 @@ def train_one_epoch(
     data_time_m = utils.AverageMeter()
     losses_m = utils.AverageMeter()
     softmax_losses_m = utils.AverageMeter()
+    grouping_m = GroupingMeter()
 
     task.train()
     num_batches = len(loader)
@@ -507,6 +561,8 @@ def train_one_epoch(
 
         batch_loss = loss.detach() * accum_steps
         softmax_loss = softmax_loss_of(result)
+        if result.get('grouping_statistics') is not None:
+            grouping_m.update(result['grouping_statistics'], input.size(0))
         if not state.distributed:
             losses_m.update(batch_loss.item(), input.size(0))
             if softmax_loss is not None:
@@ -573,6 +629,10 @@ def train_one_epoch(
     metrics = OrderedDict(loss=losses_m.avg if losses_m.count else float('nan'))
     if softmax_losses_m.count:
         metrics['softmax_loss'] = softmax_losses_m.avg
+    metrics.update(grouping_m.metrics(state.distributed))
+    line = format_grouping(metrics)
+    if line:
+        _logger.info(f'Train: {epoch}  {line}')
     return metrics
 
 
@@ -640,14 +700,17 @@ def evaluate(
 # Reporting
 # ----------------------------------------------------------------------------------------------
 
-def plot_learning_curves(history: Sequence[Dict[str, float]], path: str, title: str = '') -> str:
+def plot_learning_curves(history: Sequence[Dict[str, float]], path: str, title: str = '',
+                         train_targets: str = '') -> str:
     """Draw loss and top-1 per epoch into a PNG (matplotlib's Agg backend), written atomically.
 
     Args:
         history: one dict per epoch with ``epoch`` and any of ``train_loss``, ``train_softmax_loss``,
-            ``eval_loss``, ``eval_top1`` (missing keys are skipped).
+            ``train_clean_loss``, ``train_clean_top1``, ``eval_loss``, ``eval_top1`` (missing keys are skipped).
         path: the PNG to write.
         title: figure title.
+        train_targets: how the training batches' targets differ from the labels, e.g. 'smoothed targets' or
+            'mixed targets'; named in the legend of the losses computed on them ('' when they are the labels).
 
     Returns:
         ``path``.
@@ -658,10 +721,13 @@ def plot_learning_curves(history: Sequence[Dict[str, float]], path: str, title: 
 
     figure = Figure(figsize=(10, 4), dpi=100)
     loss_axes, top1_axes = figure.subplots(1, 2)
+    on_targets = f', {train_targets}' if train_targets else ''
     curves = (
-        (loss_axes, 'train_loss', 'train loss'),
-        (loss_axes, 'train_softmax_loss', 'train softmax loss (same batches)'),
+        (loss_axes, 'train_loss', f'train loss (augmented batches{on_targets})'),
+        (loss_axes, 'train_softmax_loss', f'train softmax loss (same batches{on_targets})'),
+        (loss_axes, 'train_clean_loss', 'clean train softmax loss (no augmentation, eval mode)'),
         (loss_axes, 'eval_loss', 'validation loss'),
+        (top1_axes, 'train_clean_top1', 'clean train top-1'),
         (top1_axes, 'eval_top1', 'validation top-1'),
     )
     for axes, key, label in curves:
@@ -676,7 +742,7 @@ def plot_learning_curves(history: Sequence[Dict[str, float]], path: str, title: 
     for axes in (loss_axes, top1_axes):
         axes.grid(True, alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
-            axes.legend()
+            axes.legend(fontsize='small')
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -692,6 +758,7 @@ def format_summary(
         output_dir: Optional[str],
         last_metrics: Optional[Dict[str, float]] = None,
         elapsed_s: Optional[float] = None,
+        clean_train_metrics: Optional[Dict[str, float]] = None,
 ) -> str:
     """The closing lines of a run: best metric and epoch, last epoch's metrics, where outputs are.
 
@@ -702,6 +769,7 @@ def format_summary(
         output_dir: the run's folder, or None.
         last_metrics: the last evaluation's metrics.
         elapsed_s: wall time of the run.
+        clean_train_metrics: the last measurement on the un-augmented training images in eval mode.
 
     Returns:
         A multi-line string.
@@ -713,6 +781,9 @@ def format_summary(
         lines.append('No evaluation was run.')
     if last_metrics:
         lines.append('Last evaluation: ' + ', '.join(f'{k} {v:.4g}' for k, v in last_metrics.items()))
+    if clean_train_metrics:
+        lines.append('Clean training set (no augmentation, eval mode): '
+                     + ', '.join(f'{k} {v:.4g}' for k, v in clean_train_metrics.items()))
     if elapsed_s is not None:
         lines.append(f'Wall time: {elapsed_s:.1f}s')
     if output_dir:
