@@ -13,6 +13,7 @@ from test_reproduce import reproduce
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, 'docs', 'results.md')
 TABLE = os.path.join(ROOT, 'results', 'table.md')
+OVERFIT = os.path.join(ROOT, 'results', 'overfit', 'report.md')
 
 
 def _read(path):
@@ -66,3 +67,18 @@ def test_stated_run_count_and_wall_time_are_the_reports():
     match = re.search(r'^(\d+) runs, ([\d.]+) h of wall time in all\.$', table, re.M)
     assert match
     assert f'{match.group(1)} runs' in doc and f'{match.group(2)} h' in doc
+
+
+def _overfit_section(report, number):
+    match = re.search(r'^## ' + re.escape(number) + r'\. .*?$(.*?)(?=^## |\Z)', report, re.M | re.S)
+    assert match, f'no section "## {number}. " in the over-fitting report'
+    return match.group(1).strip('\n')
+
+
+def test_overfitting_study_blocks_are_the_reports_sections_verbatim():
+    doc, report = _read(DOC), _read(OVERFIT)
+    blocks = re.findall(r'<!-- overfit:(\d+) -->\n(.*?)\n<!-- /overfit -->', doc, re.S)
+    # The gate, the primary and the secondary comparisons at least are on the page.
+    assert {'1', '2', '3'} <= {number for number, _ in blocks}
+    for number, body in blocks:
+        assert body == _overfit_section(report, number), f'section {number} differs from the report'

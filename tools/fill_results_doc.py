@@ -1,11 +1,16 @@
-"""Copy the measured tables of ``results/table.md`` into ``docs/results.md``.
+"""Copy the measured tables of ``results/table.md`` and ``results/overfit/report.md`` into ``docs/results.md``.
 
 ``experiments/reproduce.py`` writes ``results/table.md``; the page ``docs/results.md`` sets those numbers
 beside the paper's Table B.2 and adds the prose. The tables on the page sit between marker comments
 (``<!-- measured:NAME -->`` ... ``<!-- /measured -->``) and are rebuilt here, so that no number on the page
 is typed by hand; ``tests/test_results_doc.py`` checks the two files agree.
 
-    python tools/fill_results_doc.py [--table results/table.md] [--doc docs/results.md]
+The over-fitting study (``python -m experiments.overfit_study``) writes ``results/overfit/report.md``;
+blocks marked ``<!-- overfit:N -->`` ... ``<!-- /overfit -->`` get the body of its section ``## N. ...``,
+verbatim.
+
+    python tools/fill_results_doc.py [--table results/table.md] [--overfit-report results/overfit/report.md]
+                                     [--doc docs/results.md]
 """
 import argparse
 import os
@@ -19,6 +24,26 @@ sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 from reproduce import PAPER_TABLE_B2  # noqa: E402  (the paper's Table B.2, as the report quotes it)
 
 _MARKED = re.compile(r'(<!-- measured:(\w+) -->\n)(.*?)(<!-- /measured -->)', re.S)
+_OVERFIT = re.compile(r'(<!-- overfit:(\d+) -->\n)(.*?)(<!-- /overfit -->)', re.S)
+
+
+def overfit_section(report: str, number: str) -> str:
+    """The body of section ``## {number}. ...`` of the over-fitting study's report, without blank edges."""
+    match = re.search(r'^## ' + re.escape(number) + r'\. .*?$(.*?)(?=^## |\Z)', report, re.M | re.S)
+    if not match:
+        raise ValueError(f'the over-fitting report has no section "## {number}. "')
+    return match.group(1).strip('\n')
+
+
+def fill_overfit(doc: str, report: str) -> Tuple[str, List[str]]:
+    """The page ``doc`` with every ``overfit:N`` block replaced by section N of ``report``."""
+    filled = []
+
+    def replace(match: 're.Match') -> str:
+        filled.append(match.group(2))
+        return match.group(1) + overfit_section(report, match.group(2)) + '\n' + match.group(4)
+
+    return _OVERFIT.sub(replace, doc), filled
 
 
 def _section(text: str, heading: str) -> str:
@@ -93,18 +118,23 @@ def fill(doc: str, table: str) -> Tuple[str, List[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--table', default=os.path.join(ROOT, 'results', 'table.md'))
+    parser.add_argument('--overfit-report', default=os.path.join(ROOT, 'results', 'overfit', 'report.md'))
     parser.add_argument('--doc', default=os.path.join(ROOT, 'docs', 'results.md'))
     args = parser.parse_args(argv)
     with open(args.table, encoding='utf-8') as f:
         table = f.read()
+    with open(args.overfit_report, encoding='utf-8') as f:
+        report = f.read()
     with open(args.doc, encoding='utf-8') as f:
         doc = f.read()
     text, filled = fill(doc, table)
+    text, overfit = fill_overfit(text, report)
+    filled += [f'overfit:{n}' for n in overfit]
     fd, tmp = tempfile.mkstemp(prefix='.results-', suffix='.md', dir=os.path.dirname(os.path.abspath(args.doc)))
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
         f.write(text)
     os.replace(tmp, args.doc)
-    print(f'{args.doc}: filled {", ".join(filled) or "nothing"} from {args.table}')
+    print(f'{args.doc}: filled {", ".join(filled) or "nothing"} from {args.table} and {args.overfit_report}')
     return 0
 
 
