@@ -737,6 +737,10 @@ def plot_learning_curves(history: Sequence[Dict[str, float]], path: str, title: 
             axes.plot(epochs, values, marker='o', label=label)
     loss_axes.set_xlabel('epoch')
     loss_axes.set_ylabel('loss')
+    if loss_axes.lines and all(min(line.get_ydata()) > 0 for line in loss_axes.lines):
+        # Over-fitting shows as a clean training loss falling by decades while the validation loss rises.
+        loss_axes.set_yscale('log')
+        loss_axes.set_ylabel('loss (log scale)')
     top1_axes.set_xlabel('epoch')
     top1_axes.set_ylabel('top-1 (%)')
     for axes in (loss_axes, top1_axes):
