@@ -76,12 +76,12 @@ from experiments.reproduce import (  # noqa: E402
     FASHION_MNIST_DIR,
     LOSSES,
     REPO_ROOT,
-    _TRAIN_SNIPPET,
     _mean_std,
     _versions,
     _write_atomic,
     load_results,
     prepare_fashion_mnist,
+    train_in_subprocess,
     write_json,
 )
 
@@ -632,30 +632,10 @@ def run_one(spec: RunSpec, output: str, data_dir: str, threads: Optional[int] = 
     Raises:
         RuntimeError: train.py failed or wrote no evaluation; the message ends with its log's tail.
     """
-    scratch = os.path.join(output, '.scratch')
-    os.makedirs(scratch, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=spec.run_id + '-', dir=scratch)
-    argv = train_argv(spec, data_dir, work)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get('PYTHONPATH')])))
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     commit, dirty = git_state()
-    started = time.time()
-    try:
-        proc = subprocess.run([sys.executable, '-c', _TRAIN_SNIPPET, *argv], env=env, cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wall_s = time.time() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f'train.py failed for {spec.run_id} (exit {proc.returncode}):\n'
-                               + proc.stdout[-3000:])
-        from timm_gsl.training import read_summary  # the package's own reader of summary.csv
-        history = read_summary(os.path.join(work, spec.run_id, 'summary.csv'))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if not any(row.get('eval_top1') is not None for row in history):
-        raise RuntimeError(f'train.py wrote no evaluation for {spec.run_id}:\n' + proc.stdout[-3000:])
-    record = make_record(spec, history, wall_s, [a if a != work else '<scratch>' for a in argv], commit, dirty,
-                         comparisons)
+    history, wall_s, argv = train_in_subprocess(spec.run_id, lambda work: train_argv(spec, data_dir, work), output,
+                                                threads)
+    record = make_record(spec, history, wall_s, argv, commit, dirty, comparisons)
     write_json(result_path(output, spec), record)
     return record
 

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The runs train this checkout's timm_gsl (see run_one); this process reads their output with the same code,
@@ -361,6 +361,45 @@ def pending_runs(runs: Sequence[RunSpec], output: str) -> List[RunSpec]:
 _TRAIN_SNIPPET = 'import sys\nfrom timm_gsl.train import main\nmain(sys.argv[1:])\n'
 
 
+def train_in_subprocess(run_id: str, argv_for: Callable[[str], List[str]], output: str,
+                        threads: Optional[int] = None) -> Tuple[List[Dict[str, Optional[float]]], float, List[str]]:
+    """Run this checkout's train.py in a fresh interpreter, in a scratch folder removed afterwards.
+
+    Args:
+        run_id: train.py's ``--experiment`` (its outputs go to ``<scratch>/<run_id>``).
+        argv_for: the train.py arguments, given the scratch folder to pass as ``--output``.
+        output: the study's folder; the scratch folder is made under ``output/.scratch``.
+        threads: OMP/MKL threads of the run (default: inherited).
+
+    Returns:
+        (the run's summary.csv rows, wall seconds, the arguments with the scratch folder written '<scratch>').
+
+    Raises:
+        RuntimeError: train.py failed or wrote no evaluation; the message ends with the tail of its log.
+    """
+    scratch = os.path.join(output, '.scratch')
+    os.makedirs(scratch, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=run_id + '-', dir=scratch)
+    argv = argv_for(work)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get('PYTHONPATH')])))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    started = time.time()
+    try:
+        proc = subprocess.run([sys.executable, '-c', _TRAIN_SNIPPET, *argv], env=env, cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall_s = time.time() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f'train.py failed for {run_id} (exit {proc.returncode}):\n' + proc.stdout[-3000:])
+        from timm_gsl.training import read_summary  # the package's own reader of summary.csv
+        history = read_summary(os.path.join(work, run_id, 'summary.csv'))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not any(row.get('eval_top1') is not None for row in history):
+        raise RuntimeError(f'train.py wrote no evaluation for {run_id}:\n' + proc.stdout[-3000:])
+    return history, wall_s, [a if a != work else '<scratch>' for a in argv]
+
+
 def run_one(spec: RunSpec, recipe: Recipe, output: str, data_dir: str, threads: Optional[int] = None) -> Dict[str, Any]:
     """Train one run with train.py in a fresh interpreter and write its JSON.
 
@@ -380,33 +419,14 @@ def run_one(spec: RunSpec, recipe: Recipe, output: str, data_dir: str, threads: 
     Raises:
         RuntimeError: train.py failed; the message ends with the tail of its log.
     """
-    scratch = os.path.join(output, '.scratch')
-    os.makedirs(scratch, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=spec.run_id + '-', dir=scratch)
-    argv = train_argv(spec, recipe, data_dir, work)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get('PYTHONPATH')])))
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    started = time.time()
-    try:
-        proc = subprocess.run([sys.executable, '-c', _TRAIN_SNIPPET, *argv], env=env, cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wall_s = time.time() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f'train.py failed for {spec.run_id} (exit {proc.returncode}):\n'
-                               + proc.stdout[-3000:])
-        from timm_gsl.training import read_summary  # the package's own reader of summary.csv
-        history = read_summary(os.path.join(work, spec.run_id, 'summary.csv'))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    history, wall_s, argv = train_in_subprocess(
+        spec.run_id, lambda work: train_argv(spec, recipe, data_dir, work), output, threads)
     evaluated = [row for row in history if row.get('eval_top1') is not None]
-    if not evaluated:
-        raise RuntimeError(f'train.py wrote no evaluation for {spec.run_id}.')
     record = dict(
         run_id=spec.run_id, spec=dataclasses.asdict(spec), recipe=dataclasses.asdict(recipe),
         final_top1=evaluated[-1]['eval_top1'], best_top1=max(row['eval_top1'] for row in evaluated),
         epochs=len(history), train_images=spec.train_images, wall_s=round(wall_s, 2),
-        train_argv=['train.py', *[a if a != work else '<scratch>' for a in argv]], history=history,
+        train_argv=['train.py', *argv], history=history,
         versions=_versions(), host=dict(machine=platform.machine(), cpus=os.cpu_count()),
         finished=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
     )
