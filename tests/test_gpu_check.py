@@ -1,0 +1,46 @@
+"""benchmarks/gpu_check.py runs its code paths at toy sizes on the CPU, so it works when a GPU appears."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(ROOT, 'benchmarks', 'gpu_check.py'))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_covers_every_configuration_and_writes_json(tmp_path, capsys):
+    gpu_check = _load()
+    out = tmp_path / 'gpu_check.json'
+    assert gpu_check.main(['--device', 'cpu', '--quick', '--output', str(out)]) == 0
+    result = json.loads(out.read_text())
+    configs = {(r['amp_dtype'], r['channels_last'], r['compiled']) for r in result['training']}
+    assert configs == {(d, c, k) for d in ('float16', 'bfloat16') for c in (False, True) for k in (False, True)}
+    for row in result['training']:
+        for loss in ('ce', 'gsl'):
+            assert 'error' not in row[loss], row
+            assert row[loss]['finite'] and row[loss]['images_per_s'] > 0
+        assert row['gsl_over_ce'] > 0
+    assert [r['classes'] for r in result['loss']] == list(gpu_check.QUICK.loss_classes)
+    assert all(r['gsl_s'] > 0 and r['plain_s'] > 0 for r in result['loss'])
+    assert all(v['status'].startswith('skipped: needs CUDA') for v in result['cuda_paths'].values())
+    printed = capsys.readouterr().out
+    assert '2. Training steps' in printed and '3. The loss alone' in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without CUDA')
+def test_cuda_without_a_gpu_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load().main([])
+    assert exc.value.code == 2
+    assert 'CUDA is not available here; pass --device cpu --quick' in capsys.readouterr().err
