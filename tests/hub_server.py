@@ -8,11 +8,18 @@ snapshot (path -> blob) and branches point at commits. Implemented:
 * ``POST /api/{type}s/{repo}/preupload/{rev}``: every file is answered ``uploadMode: regular``, so the
   client sends all contents inline (base64) in the commit and no LFS or Xet transfer is needed;
 * ``POST /api/{type}s/{repo}/commit/{rev}``: the NDJSON commit (``header``, ``file``, ``deletedFile``);
+  with ``?create_pr=1`` it opens a pull request instead: the commit goes to a new ``refs/pr/N`` ref
+  (branch ``rev`` untouched) and the answer's ``pullRequestUrl`` ends in ``/discussions/N``, as the Hub's;
+* ``POST /api/{type}s/{repo}/discussions`` with ``pullRequest: true`` (a pull request against main: a new
+  ``refs/pr/N`` ref at main's head, committed to like a branch) and ``GET .../discussions/{num}``, the
+  way newer clients open a pull request before committing to it;
 * ``POST /api/validate-yaml``;
 * ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag`` and ``Content-Length``,
   errors with the ``X-Error-Code`` the client maps to its exceptions;
 * ``GET /api/{type}s/{repo}[/revision/{rev}]`` (repo info with siblings), ``GET .../tree/{rev}[/{path}]``;
 * ``GET /api/whoami-v2``.
+
+:meth:`HubServer.pull_requests` lists the pull requests opened on a repo.
 
 Faults, for the error paths: :attr:`HubServer.fail_commits` answers the next N commits with a 500,
 :attr:`HubServer.drop_commits` closes the connection of the next N commits without an answer.
@@ -31,7 +38,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = ['HubServer']
 
@@ -44,7 +51,16 @@ class _Repo:
         self.repo_type = repo_type
         self.private = private
         self.commits: Dict[str, Dict[str, str]] = {}  # commit oid -> {path: blob sha256}
-        self.branches: Dict[str, str] = {}  # branch -> commit oid
+        self.branches: Dict[str, str] = {}  # branch (or refs/pr/N) -> commit oid
+        self.pull_requests: List[Dict[str, Any]] = []  # num, ref (refs/pr/N), target branch, title
+
+    def open_pull_request(self, target: str, title: str, oid: str) -> Dict[str, Any]:
+        """A new pull request against ``target`` whose ref ``refs/pr/N`` points at commit ``oid``."""
+        num = len(self.pull_requests) + 1
+        pr = dict(num=num, ref=f'refs/pr/{num}', target=target, title=title)
+        self.pull_requests.append(pr)
+        self.branches[pr['ref']] = oid
+        return pr
 
     def resolve(self, revision: str) -> Optional[str]:
         if revision in self.branches:
@@ -125,6 +141,11 @@ class HubServer:
         repo = self.repos.get((repo_type, repo_id))
         oid = repo.resolve(revision) if repo else None
         return {p: self.blob(d) for p, d in repo.commits[oid].items()} if oid else {}
+
+    def pull_requests(self, repo_id: str, repo_type: str = 'model') -> List[Dict[str, Any]]:
+        """The pull requests opened on a repo: ``num``, ``ref`` (``refs/pr/N``), ``target`` and ``title``."""
+        repo = self.repos.get((repo_type, repo_id))
+        return [dict(pr) for pr in repo.pull_requests] if repo else []
 
     def commit_count(self, repo_id: str, repo_type: str = 'model') -> int:
         """Number of commits made to a repo (its creation's empty commit included)."""
@@ -230,7 +251,11 @@ class _Handler(BaseHTTPRequestHandler):
                                   ('branch', self._branch)):
                 if rest.startswith(name + '/'):
                     return handler(kind, repo_id, unquote(rest[len(name) + 1:]))
+            if rest == 'discussions':
+                return self._open_discussion(kind, repo_id)
         if method == 'GET':
+            if re.fullmatch(r'discussions/\d+', rest):
+                return self._discussion(kind, repo_id, int(rest.split('/')[1]))
             if rest == '' or rest.startswith('revision/'):
                 return self._info(kind, repo_id, unquote(rest[len('revision/'):]) if rest else 'main')
             if rest.startswith('tree/'):
@@ -297,6 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commit(self, kind: str, repo_id: str, revision: str) -> None:
         body = self._body()
+        create_pr = parse_qs(urlsplit(self.path).query).get('create_pr', ['0'])[0].lower() in ('1', 'true')
         if self.hub.drop_commits > 0:
             self.hub.drop_commits -= 1
             self.close_connection = True
@@ -333,9 +359,40 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._error(400, None, f'This test Hub takes inline files only, got {key!r}')
             oid = hashlib.sha1(json.dumps([parent, summary, sorted(files.items()), time.time()]).encode()).hexdigest()
             repo.commits[oid] = files
-            repo.branches[revision] = oid
+            pr_url = None
+            if create_pr:  # a pull request: a new refs/pr/N ref; the target branch is untouched
+                pr = repo.open_pull_request(revision, summary, oid)
+                pr_url = f'{self._repo_url(kind, repo_id)}/discussions/{pr["num"]}'
+            else:
+                repo.branches[revision] = oid
         self._send(200, {'success': True, 'commitOid': oid, 'commitMessage': summary,
-                         'commitUrl': f'{self._repo_url(kind, repo_id)}/commit/{oid}', 'pullRequestUrl': None})
+                         'commitUrl': f'{self._repo_url(kind, repo_id)}/commit/{oid}', 'pullRequestUrl': pr_url})
+
+    def _open_discussion(self, kind: str, repo_id: str) -> None:
+        payload = json.loads(self._body() or b'{}')
+        repo = self._writable_repo(kind, repo_id)
+        if repo is None:
+            return
+        if not payload.get('pullRequest'):
+            return self._error(400, None, 'This test Hub opens pull requests only, not discussions')
+        with self.hub._lock:
+            pr = repo.open_pull_request('main', payload.get('title', ''), repo.branches['main'])
+        self._send(200, {'num': pr['num'], 'pullRequest': True,
+                         'url': f'{self._repo_url(kind, repo_id)}/discussions/{pr["num"]}'})
+
+    def _discussion(self, kind: str, repo_id: str, num: int) -> None:
+        repo = self._repo(kind, repo_id)
+        if repo is None:
+            return
+        if not 1 <= num <= len(repo.pull_requests):
+            return self._error(404, None, f'Discussion {num} not found')
+        pr = repo.pull_requests[num - 1]
+        self._send(200, {
+            'num': num, 'title': pr['title'], 'status': 'draft', 'isPullRequest': True,
+            'author': {'name': self.hub.user}, 'createdAt': '2026-01-01T00:00:00.000Z',
+            'repo': {'name': repo_id, 'type': kind}, 'events': [], 'filesWithConflicts': [], 'diff': '',
+            'changes': {'base': f'refs/heads/{pr["target"]}'},
+        })
 
     def _resolve(self, kind: str, repo_id: str, revision: str, path: str, head: bool) -> None:
         found = self._snapshot(kind, repo_id, revision, head=head)

@@ -86,9 +86,10 @@ def test_bad_command_line_gives_one_clear_line_and_writes_nothing(files, tmp_pat
         main(TINY + ['--output', str(out), '--experiment', 'run'] + flags)
     assert exc.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    # argparse's usage, then the message on one line.
+    # The message on one line, and no usage block before it (issue 12).
     message = lines[-1]
-    assert message.startswith('train.py: error: ') and lines[-2].strip().endswith('[DIR]')
+    assert message.startswith('train.py: error: ')
+    assert not any(line.startswith('usage:') for line in lines)
     for text in expected:
         assert text.format(root=files) in message, message
     assert not out.exists()
@@ -134,13 +135,20 @@ def test_train_refuses_a_checkpoint_carrying_code_and_runs_nothing(malicious_che
     assert not (tmp_path / 'out').exists()
 
 
-def test_validate_refuses_a_checkpoint_carrying_code_and_runs_nothing(malicious_checkpoint):
+def test_validate_refuses_a_checkpoint_carrying_code_and_runs_nothing(malicious_checkpoint, capsys):
     path, marker = malicious_checkpoint
     # validate.py reads checkpoints through the same read_checkpoint as train.py, so the same refusal.
     with pytest.raises(ValueError) as refused:
-        validate_py.main(['--checkpoint', str(path), '--model', 'test_vit', '--img-size', '32'])
+        validate_py.validate(validate_py.parse_args(['--checkpoint', str(path), '--model', 'test_vit',
+                                                     '--img-size', '32']))
     message = str(refused.value)
     assert f'--checkpoint {str(path)!r} was refused' in message and 'nothing in it was run' in message
+    assert not marker.exists()
+    # The command line says so in one line and exits with status 2.
+    with pytest.raises(SystemExit) as exc:
+        validate_py.main(['--checkpoint', str(path), '--model', 'test_vit', '--img-size', '32'])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f'validate.py: error: {message}'
     assert not marker.exists()
 
 
@@ -154,6 +162,53 @@ def test_read_checkpoint_accepts_weights_only_and_safetensors_files(tmp_path):
     (tmp_path / 'cut.pth.tar').write_bytes((tmp_path / 'bare.pth').read_bytes()[:200])
     with pytest.raises(ValueError, match=r"--resume '.*cut.pth.tar' is not a readable checkpoint"):
         read_checkpoint(str(tmp_path / 'cut.pth.tar'), '--resume')
+
+
+def _legacy_bytes(tmp_path):
+    path = tmp_path / 'legacy.pth'
+    torch.save({'state_dict': {'w': torch.zeros(3)}}, path, _use_new_zipfile_serialization=False)
+    return path.read_bytes()
+
+
+# Files that are not checkpoints, and the exception torch.load (or the zip reader) raises on each.
+NOT_CHECKPOINTS = {
+    'text.pth.tar': (lambda tmp_path: b'hello world\n', 'KeyError'),
+    'random.pth.tar': (lambda tmp_path: np.random.default_rng(0).bytes(4096), 'UnpicklingError'),
+    'truncated_zip.pth.tar': (lambda tmp_path: _zip_bytes(tmp_path)[:1000], 'RuntimeError'),
+    'truncated_legacy.pth': (lambda tmp_path: _legacy_bytes(tmp_path)[:30], 'struct.error'),
+    'not_utf8.pth': (lambda tmp_path: b'\x80\x02X\xff\xfe\x00\x00\x00\xff\xfe', 'UnicodeDecodeError'),
+    'notes.pth.tar': (lambda tmp_path: b'some notes, not weights\n', 'IndexError'),  # the unpickler pops an empty stack
+    'json.pth': (lambda tmp_path: b'{"state_dict": {}}', 'UnpicklingError'),
+    'empty.pth.tar': (lambda tmp_path: b'', None),
+    'damaged.safetensors': (lambda tmp_path: b'garbage' * 3, 'SafetensorError'),
+}
+
+
+def _zip_bytes(tmp_path):
+    path = tmp_path / 'whole.pth.tar'
+    torch.save({'state_dict': {'w': torch.zeros(300)}}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize('name', list(NOT_CHECKPOINTS))
+def test_read_checkpoint_gives_one_line_for_any_file_that_is_not_a_checkpoint(tmp_path, name):
+    content, kind = NOT_CHECKPOINTS[name]
+    path = tmp_path / name
+    path.write_bytes(content(tmp_path))
+    with pytest.raises(ValueError) as refused:
+        read_checkpoint(str(path), '--resume')
+    message = str(refused.value)
+    assert message.startswith(f'--resume {str(path)!r} is ') and '\n' not in message, message
+    assert 'was refused' not in message  # kept for files asking for objects that could run code
+    if kind:
+        assert f'({kind}' in message, message
+    # The reason it was raised with is kept, not a traceback.
+    assert isinstance(refused.value.__cause__, Exception) or kind is None
+
+
+def test_read_checkpoint_names_a_folder_as_a_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"--initial-checkpoint '.*' is a folder; expected a checkpoint"):
+        read_checkpoint(str(tmp_path), '--initial-checkpoint')
 
 
 def test_initial_checkpoint_from_safetensors_sets_the_weights(tmp_path):

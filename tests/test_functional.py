@@ -668,7 +668,7 @@ def test_grouping_statistics_match_a_count_by_hand(loss_type, grouping, target_k
     losses = torch.zeros(groups, dtype=torch.float64)
     for n, members_of in enumerate(sample_groups):
         for i, members in enumerate(members_of):
-            counts[i] += sum(float(x[n, j]) != 0 for j in members)
+            counts[i] += sum(float(x[n, j].detach()) != 0 for j in members)
             logit = z[n, members, :].sum(0) + b.detach() / groups
             losses[i] += ref_cross_entropy(groups * logit if loss_type == 'I' else logit, soft[n])
     batch = x.shape[0]

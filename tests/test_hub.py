@@ -9,6 +9,7 @@ repository, never imports ``timm_gsl`` (checked), and refuses to unpickle anythi
 import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -164,6 +165,10 @@ def test_push_publishes_safetensors_timm_config_card_and_curves(server, publishe
     pre = config['pretrained_cfg']
     assert (pre['input_size'], pre['mean'], pre['std'], pre['crop_pct'], pre['interpolation']) == (
         [3, 28, 28], raw['args'].mean, raw['args'].std, 1.0, 'bilinear')
+    # Attributed to the published repo, not to timm's release of the base architecture.
+    assert pre['origin_url'] == f'{server.url}/{REPO}' and pre['license'] == 'apache-2.0'
+    assert not set(pre) & {'hf_hub_id', 'tag', 'paper_ids', 'paper_name', 'notes', 'description', 'url', 'file'}
+    assert 'pytorch-image-models' not in files['config.json'].decode()
 
 
 def test_model_card_has_hub_metadata_settings_conditions_metrics_and_citation(server, published, run_dir):
@@ -182,6 +187,16 @@ def test_model_card_has_hub_metadata_settings_conditions_metrics_and_citation(se
                  '| 0 |', '| 1 |', 'Kobayashi, Takumi', 'python train.py', '--samples-per-class 8',
                  '--class-subset 3', '--model test_resnet', f"timm.create_model('hf-hub:{REPO}', pretrained=True)"):
         assert text in body, text
+    # transformers loads it (tested below), and the card says so; the run started from scratch: no base_model.
+    assert 'transformers' in meta['tags'] and 'base_model' not in meta
+    # Advice only from the run's own settings: its 28x28 input and loss settings, no foreign dataset or size.
+    finetune = body.split('```bash\npython train.py --model ')[1].split('\n')[0]
+    assert finetune.startswith(f'hf-hub:{REPO} --pretrained ')
+    assert '--input-size 3 28 28' in finetune and '--gsl-groups 4' in finetune
+    assert 'food' not in body.lower()
+    for foreign in ('224', '101', '--lr', '--epochs', '--dataset'):
+        assert foreign not in finetune, foreign
+    assert 'local/' not in body and 'local-dir:' not in body
 
 
 def test_training_command_sets_exactly_the_non_default_training_flags():
@@ -207,9 +222,10 @@ def test_hub_and_local_dir_give_the_checkpoints_logits_then_offline_from_cache(
     hub.export_checkpoint(published, str(local), repo_id=REPO)
     assert sorted(os.listdir(local)) == ['README.md', 'config.json', 'learning_curves.png', 'model.safetensors']
     reference = _reference_logits(published, probe)
+    start = len(server.requests)  # (publishing asked whether the repo had a README.md)
     from_hub, from_dir = _load_logits(server, hf_home, tmp_path, [f'hf-hub:{REPO}', f'local-dir:{local}'], probe)
     assert torch.equal(from_hub, reference) and torch.equal(from_dir, reference)
-    downloads = {p for m, p in server.requests if '/resolve/' in p}
+    downloads = {p for m, p in server.requests[start:] if '/resolve/' in p}
     assert downloads == {f'/{REPO}/resolve/main/config.json', f'/{REPO}/resolve/main/model.safetensors'}
 
     before = len(server.requests)
@@ -246,8 +262,183 @@ def test_train_fine_tunes_from_the_hub_model_and_pushes_the_result(server, hf_ho
     assert conv and all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in conv)
     meta, body = _card(files['README.md'].decode())
     assert f'--model hf-hub:{REPO}' in body and '--pretrained' in body
+    assert meta['base_model'] == REPO  # the Hub's model tree links it to the model it was tuned from
+    assert f'[{REPO}]({server.url}/{REPO})' in body
+    # The files are on the branch: the card loads them from there.
+    assert f"timm.create_model('hf-hub:{REPO}-ft@candidate', pretrained=True)" in body
+    assert json.loads(files['config.json'])['pretrained_cfg']['origin_url'] == f'{server.url}/{REPO}-ft'
     (logits,) = _load_logits(server, hf_home, tmp_path, [f'hf-hub:{REPO}-ft@candidate'], probe)
     assert torch.equal(logits, _reference_logits(os.path.join(tmp_path, 'ft', 'model_best.pth.tar'), probe))
+
+
+# ----------------------------------------------------------------------------------------------
+# Local export: the card names the folder, its usage runs as printed, files are world-readable
+# ----------------------------------------------------------------------------------------------
+
+def _python_block(body):
+    blocks = body.split('```python\n')
+    assert len(blocks) == 2, 'expected one Python block in the card'
+    return blocks[1].split('```')[0]
+
+
+def test_export_card_loads_the_folder_and_its_usage_runs_as_printed(published, server, hf_home, tmp_path):
+    folder = tmp_path / 'exported model'  # not a valid repo name: the export must not need one
+    files = hub.export_checkpoint(published, str(folder))
+    text = (folder / 'README.md').read_text()
+    meta, body = _card(text)
+    assert meta['model-index'][0]['name'] == 'exported model'
+    assert f"timm.create_model('local-dir:{folder}', pretrained=True)" in body
+    assert 'hf-hub:' not in body and 'local/' not in body
+    config = json.loads((folder / 'config.json').read_text())
+    assert 'origin_url' not in config['pretrained_cfg']  # nowhere published yet; timm's is dropped
+    assert sorted(files) == sorted(os.listdir(folder))
+
+    # The snippet, exactly as printed, in a fresh process: offline, no unpickling, without timm_gsl,
+    # on an image file named as the snippet names it.
+    from PIL import Image
+    import numpy as np
+    work = tmp_path / 'work'
+    work.mkdir()
+    Image.fromarray((np.random.default_rng(1).random((40, 36)) * 255).astype('uint8')).save(work / 'image.jpg')
+    snippet = _python_block(body)
+    assert 'image.jpg' in snippet
+    done = _run(['-c', LOADER_PRELUDE + snippet + '\n_done()\n'], _env(server, hf_home, offline=True),
+                cwd=str(work))
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [line.rsplit(': ', 1) for line in done.stdout.strip().splitlines()]
+    names = config['label_names']
+    assert sorted(label for label, _ in printed) == sorted(names)  # 3 classes: all of them, by name
+    probabilities = [float(p) for _, p in printed]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1, abs=0.005)
+
+    # The same prediction as the checkpoint itself gives, on timm's eval transform of that image.
+    raw = torch.load(published, map_location='cpu', weights_only=False)
+    model = timm.create_model('test_resnet', num_classes=3)
+    model.load_state_dict(raw['state_dict'])
+    model.eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=config['pretrained_cfg']))
+    with torch.no_grad():
+        expected = model(transform(Image.open(work / 'image.jpg').convert('RGB')).unsqueeze(0)).softmax(-1)[0]
+    assert printed[0][0] == names[int(expected.argmax())]
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_export_writes_every_file_with_the_permissions_of_a_plain_write(published, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        folder = tmp_path / 'exported'
+        files = hub.export_checkpoint(published, str(folder))
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE(os.stat(folder / name).st_mode) for name in files}
+    assert 'model.safetensors' in modes
+    assert modes == {name: 0o666 & ~umask for name in files}, {k: oct(v) for k, v in modes.items()}
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~umask
+
+
+# ----------------------------------------------------------------------------------------------
+# An existing model card, and pull requests
+# ----------------------------------------------------------------------------------------------
+
+def _hub_script(server, hf_home, tmp_path, code):
+    done = _run(['-c', 'from huggingface_hub import HfApi\napi = HfApi()\n' + textwrap.dedent(code)],
+                _env(server, hf_home), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_push_keeps_an_existing_card_unless_asked_to_replace_it(server, hf_home, published, tmp_path):
+    repo = 'gsl-org/has-a-card'
+    own_card = b'---\nlicense: mit\n---\n# Our own card\n'
+    _hub_script(server, hf_home, tmp_path, f"""
+        api.create_repo({repo!r})
+        api.upload_file(path_or_fileobj={own_card!r}, path_in_repo='README.md', repo_id={repo!r})
+    """)
+    kept = _push(server, hf_home, tmp_path, published, '--repo-id', repo)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert 'already has a README.md: kept it' in kept.stderr and '--replace-card' in kept.stderr
+    files = server.files(repo)
+    assert files['README.md'] == own_card
+    assert sorted(files) == ['README.md', 'config.json', 'learning_curves.png', 'model.safetensors']
+
+    replaced = _push(server, hf_home, tmp_path, published, '--repo-id', repo, '--replace-card')
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    meta, body = _card(server.files(repo)['README.md'].decode())
+    assert meta['library_name'] == 'timm' and f"'hf-hub:{repo}'" in body
+
+
+def test_push_opens_a_pull_request_instead_of_committing_to_main(server, hf_home, published, tmp_path):
+    repo = 'gsl-org/pull-request'
+    _hub_script(server, hf_home, tmp_path, f"""
+        api.create_repo({repo!r})
+        api.upload_file(path_or_fileobj=b'# maintained by hand\\n', path_in_repo='README.md', repo_id={repo!r})
+    """)
+    main_before = server.repos[('model', repo)].branches['main']
+
+    done = _push(server, hf_home, tmp_path, published, '--repo-id', repo, '--hub-create-pr', '--replace-card',
+                 '--commit-message', 'proposal')
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert server.repos[('model', repo)].branches['main'] == main_before  # main untouched
+    assert server.files(repo) == {'README.md': b'# maintained by hand\n'}
+    (pr,) = server.pull_requests(repo)
+    assert (pr['ref'], pr['target'], pr['title']) == ('refs/pr/1', 'main', 'proposal')
+    assert f'Published {published} to {repo} as a pull request: {server.url}/{repo}/discussions/1' in done.stdout
+    proposed = server.files(repo, 'refs/pr/1')
+    assert sorted(proposed) == ['README.md', 'config.json', 'learning_curves.png', 'model.safetensors']
+    # The card of a pull request names the repo, where the files will be once it is merged.
+    assert f"timm.create_model('hf-hub:{repo}', pretrained=True)" in proposed['README.md'].decode()
+
+    before = len(server.requests)
+    refused = _push(server, hf_home, tmp_path, published, '--repo-id', repo, '--hub-create-pr', '--revision', 'dev')
+    assert refused.returncode == 1 and 'opened against main' in refused.stderr
+    assert len(server.requests) == before and len(server.pull_requests(repo)) == 1
+
+
+def test_publish_run_honours_hub_create_pr(server, hf_home, run_dir, tmp_path):
+    repo = 'gsl-org/run-pull-request'
+    _hub_script(server, hf_home, tmp_path, f"""
+        api.create_repo({repo!r})
+        api.upload_file(path_or_fileobj=b'# kept\\n', path_in_repo='README.md', repo_id={repo!r})
+    """)
+    script = textwrap.dedent(f"""
+        import argparse
+        from timm_gsl.hub import publish_run
+        args = argparse.Namespace(push_to_hub={repo!r}, hub_revision=None, hub_private=False, model_ema=False,
+                                  hub_create_pr=True)
+        print('URL', publish_run(args, {run_dir!r}))
+    """)
+    done = _run(['-c', script], _env(server, hf_home, with_package=True), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f'URL {server.url}/{repo}/discussions/1' in done.stdout
+    assert sorted(server.files(repo)) == ['README.md']  # main: only what was there
+    (pr,) = server.pull_requests(repo)
+    proposed = server.files(repo, pr['ref'])
+    assert proposed['README.md'] == b'# kept\n' and 'model.safetensors' in proposed
+
+
+# ----------------------------------------------------------------------------------------------
+# Card metadata rules
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('args, expected', [
+    (dict(model='hf-hub:org/start@v2', pretrained=True), 'org/start'),
+    (dict(model='resnet18', pretrained=True), 'timm/resnet18.a1_in1k'),
+    (dict(model='resnet18.a1_in1k', pretrained=True), 'timm/resnet18.a1_in1k'),
+    (dict(model='resnet18', pretrained=False), None),
+    (dict(model='resnet18', pretrained=True, pretrained_path='/weights.safetensors'), None),
+    (dict(model='local-dir:/some/folder', pretrained=True), None),
+    (dict(model='test_resnet', pretrained=False, initial_checkpoint='hf-hub:org/init'), 'org/init'),
+    (dict(model='test_resnet', pretrained=False, initial_checkpoint='/local/checkpoint.pth'), None),
+])
+def test_base_model_is_the_hub_model_training_started_from(args, expected):
+    assert hub.base_model(args) == expected
+
+
+def test_transformers_tag_only_for_configs_transformers_can_build():
+    good = {'architecture': 'resnet18', 'num_classes': 3, 'model_args': {'in_chans': 3}}
+    assert hub.transformers_loads(good)
+    assert not hub.transformers_loads(dict(good, model_args={'num_classes': 3}))  # timm's own export
+    assert not hub.transformers_loads(dict(good, architecture='no_such_net_xyz'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +467,12 @@ def test_failed_commit_reports_nothing_published_and_a_retry_succeeds(
     assert f'Published {published} to {repo}' in retried.stdout
     files, reference = server.files(repo), server.files(REPO)
     assert sorted(files) == sorted(reference)
-    assert all(files[k] == reference[k] for k in files if k != 'README.md')  # the card names its repo
+    # The card and config.json's origin_url name their repo; everything else is the same.
+    assert all(files[k] == reference[k] for k in files if k not in ('README.md', 'config.json'))
+    config, reference_config = json.loads(files['config.json']), json.loads(reference['config.json'])
+    assert config['pretrained_cfg'].pop('origin_url') == f'{server.url}/{repo}'
+    reference_config['pretrained_cfg'].pop('origin_url')
+    assert config == reference_config
 
 
 def test_missing_token_is_refused_before_any_request(server, hf_home, published, tmp_path):

@@ -1,9 +1,15 @@
 """The package as a user gets it: built into a wheel, installed into a fresh virtual environment.
 
 The wheel is built from a copy of the working tree (what ``pip install .`` would see), installed
-with ``--no-deps`` into a virtual environment that sees this interpreter's site-packages (torch,
-timm, ... are reused, nothing is downloaded), and every command then runs from a temporary folder
-that holds neither the repository nor its ``train.py``/``validate.py`` shims.
+with ``--no-deps`` into a virtual environment that sees the site-packages of the interpreter running
+the tests (torch, timm, ... are reused, nothing is downloaded), and every command then runs from a
+temporary folder that holds neither the repository nor its ``train.py``/``validate.py`` shims.
+
+"The interpreter running the tests" is whatever ran pytest: the system Python (as in CI), a user's
+venv or a conda env. ``venv --system-site-packages`` would not do: it exposes the *base* Python's
+site-packages, which inside a venv or conda env lacks torch. The nested environment is therefore
+created isolated and given a ``.pth`` file that adds this interpreter's site directories (after
+its own, so the wheel installed into it wins).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
@@ -89,11 +96,42 @@ def installed(tmp_path_factory) -> Dict[str, Path]:
           '-w', dist, source], cwd=work)
     wheels = sorted(dist.glob('timm_gsl-*.whl'))
     assert len(wheels) == 1, wheels
-    _run([sys.executable, '-m', 'venv', '--system-site-packages', venv], cwd=work)
+    _run([sys.executable, '-m', 'venv', venv], cwd=work)
     bin_dir = venv / ('Scripts' if os.name == 'nt' else 'bin')
     python = bin_dir / ('python.exe' if os.name == 'nt' else 'python')
+    _share_site_packages(python, work)
     _run([python, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', wheels[0]], cwd=work)
     return dict(wheel=wheels[0], venv=venv, bin=bin_dir, python=python, work=work)
+
+
+def _running_site_dirs() -> List[str]:
+    """The site-packages folders of the interpreter running the tests, in its own order of precedence."""
+    dirs = list(site.getsitepackages()) if hasattr(site, 'getsitepackages') else []
+    if site.ENABLE_USER_SITE and site.getusersitepackages() in sys.path:
+        dirs.append(site.getusersitepackages())
+    paths = sysconfig.get_paths()
+    dirs += [paths['purelib'], paths['platlib']]
+    unique: List[str] = []
+    for folder in dirs:
+        if os.path.isdir(folder) and os.path.realpath(folder) not in map(os.path.realpath, unique):
+            unique.append(folder)
+    return unique
+
+
+def _share_site_packages(python: Path, work: Path) -> None:
+    """Make the nested venv at ``python`` import what this interpreter imports (torch, timm, ...).
+
+    A ``.pth`` file in the venv's own site-packages runs ``site.addsitedir`` on each of our site
+    folders: they are appended after the venv's own folder (so its wheel of timm_gsl comes first) and
+    their ``.pth`` files are processed too, as ``--system-site-packages`` does for the base Python.
+    """
+    own = Path(_run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                    cwd=work).stdout.strip())
+    folders = _running_site_dirs()
+    assert folders, 'the interpreter running the tests has no site-packages folder'
+    own.mkdir(parents=True, exist_ok=True)
+    # One line starting with `import`: site.py runs it (with its own namespace, hence map, not a comprehension).
+    (own / '_timm_gsl_test_parent_site.pth').write_text(f'import site; list(map(site.addsitedir, {folders!r}))\n')
 
 
 def _script(installed: Dict[str, Path], name: str) -> Path:

@@ -11,9 +11,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
+import os
 import sys
 from typing import Callable, Dict, Optional, Sequence
+
+from ._cli import ArgumentParser, check_can_create, exit_with_error, one_line
 
 __all__ = ['get_args_parser', 'main']
 
@@ -35,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """
     from .hub import repo_id_type
 
-    parser = argparse.ArgumentParser(prog='python -m timm_gsl', description='timm-gsl commands.')
+    parser = ArgumentParser(prog='python -m timm_gsl', description='timm-gsl commands.')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
     push = commands.add_parser(
@@ -50,6 +54,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     push.add_argument('--commit-message', default=None, metavar='TEXT', help='commit summary')
     push.add_argument('--token', default=None, metavar='TOKEN',
                       help='Hub token (default: HF_TOKEN or the token saved by `hf auth login`)')
+    push.add_argument('--hub-create-pr', '--create-pr', dest='hub_create_pr', action='store_true', default=False,
+                      help='open a pull request against main instead of committing (not with --revision)')
+    push.add_argument('--replace-card', action='store_true', default=False,
+                      help="replace the repo's README.md with this checkpoint's model card (default: a card "
+                           "the repo already has is kept, as timm's push_to_hf_hub does)")
     _add_publish_args(push)
 
     export = commands.add_parser(
@@ -59,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     export.add_argument('checkpoint', metavar='CHECKPOINT', help='checkpoint file, e.g. model_best.pth.tar')
     export.add_argument('output_dir', metavar='FOLDER', help='folder to create (must not exist or be empty)')
     export.add_argument('--repo-id', default=None, type=repo_id_type, metavar='ORG/NAME',
-                        help='the repo the model card names (default: local/<folder name>)')
+                        help='the Hub repo you will upload the folder to: the model card and config.json then '
+                             'name hf-hub:ORG/NAME (default: the card loads the folder, local-dir:FOLDER)')
     _add_publish_args(export)
     return parser
 
@@ -68,8 +78,9 @@ def _push(args: argparse.Namespace) -> None:
     from .hub import push_checkpoint
     url = push_checkpoint(args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
                           commit_message=args.commit_message, token=args.token, use_ema=args.use_ema,
-                          license=args.license)
-    print(f'Published {args.checkpoint} to {args.repo_id}: {url}')
+                          license=args.license, create_pr=args.hub_create_pr, replace_card=args.replace_card)
+    print(f'Published {args.checkpoint} to {args.repo_id}{" as a pull request" if args.hub_create_pr else ""}: '
+          f'{url}')
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -82,6 +93,30 @@ def _export(args: argparse.Namespace) -> None:
 _COMMANDS: Dict[str, Callable[[argparse.Namespace], None]] = {'push': _push, 'export': _export}
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """What a command can know is wrong before it does anything: the checkpoint and (export) the folder.
+
+    The checkpoint is read (without running anything in it), checked to be a timm training checkpoint
+    that names its model, and its model is built with its weights, exactly as the command will; the
+    command then repeats this, which costs a second for the sizes a checkpoint usually has.
+
+    Raises:
+        ValueError: naming the argument, the path and what is expected.
+    """
+    from .hub import build_model, load_training_checkpoint
+
+    if args.command == 'export':
+        output_dir = args.output_dir
+        if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+            raise ValueError(f'FOLDER {output_dir!r} exists and is not an empty folder; expected a new (or empty) '
+                             f'folder to export into.')
+        check_can_create(output_dir, 'FOLDER')
+    loaded = load_training_checkpoint(args.checkpoint)  # (the command itself says which weights it publishes)
+    model = build_model(loaded)
+    del loaded, model
+    gc.collect()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command.
 
@@ -89,18 +124,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 1 when the command failed (the message is on stderr). A command
-        line that does not parse exits with status 2.
+        The exit status: 0 on success, 1 when the command failed (the Hub refused or dropped the upload,
+        no token; the message is on stderr). A command line that does not parse, a checkpoint that is not
+        a readable training checkpoint and (export) a folder that is not new exit with status 2 and one
+        line, ``python -m timm_gsl <command>: error: <message>``, before anything is written or sent.
     """
     from .hub import HubPublishError
 
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    prog = f'{parser.prog} {args.command}'
+    try:
+        check_inputs(args)
+    except ValueError as e:
+        exit_with_error(prog, e)
     try:
         _COMMANDS[args.command](args)
     except (ValueError, HubPublishError) as e:
-        print(f'python -m timm_gsl {args.command}: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {one_line(e)}', file=sys.stderr)
         return 1
     return 0
 

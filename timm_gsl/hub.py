@@ -6,10 +6,15 @@ Inference), so what we publish is an ordinary timm export, loadable with
 
 * ``model.safetensors``: the weights (never a pickle);
 * ``config.json``: timm's own (:func:`timm.models.save_for_hf`) with the class names and the training
-  preprocessing (input size, mean, std, crop), and without ``num_classes`` inside ``model_args`` (timm
-  reads it from the top level; Hugging Face transformers passes it again and fails on the duplicate);
-* ``README.md``: a model card with Hub metadata, the group softmax settings, the data conditions, the
-  evaluation (from ``summary.csv`` beside the checkpoint), the training command and the citation;
+  preprocessing (input size, mean, std, crop), without ``num_classes`` inside ``model_args`` (timm
+  reads it from the top level; Hugging Face transformers passes it again and fails on the duplicate),
+  and without timm's provenance of the base architecture's weights (``origin_url``, paper, tag):
+  ``origin_url`` is the published repo's address;
+* ``README.md``: a model card with Hub metadata (``base_model`` when training started from a Hub
+  model), the group softmax settings, the data conditions, the evaluation (from ``summary.csv`` beside
+  the checkpoint), usage that runs as printed, the training command and the citation. It names the
+  model as it loads where the files are: ``hf-hub:ORG/NAME`` on the Hub, ``local-dir:FOLDER`` for a
+  local export. A card the repo already has is kept unless asked to replace it;
 * ``learning_curves.png`` when ``train.py`` wrote one beside the checkpoint.
 
 Everything that can be checked locally (repo id, token, checkpoint, architecture) is checked before
@@ -29,6 +34,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,14 +53,18 @@ __all__ = [
     'HubPublishError',
     'build_model',
     'TrainingCheckpoint',
+    'base_model',
+    'check_publish_options',
     'check_repo_id',
     'export_checkpoint',
+    'hub_url',
     'model_card',
     'publish_run',
     'push_checkpoint',
     'load_training_checkpoint',
     'repo_id_type',
     'training_command',
+    'transformers_loads',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -80,7 +90,7 @@ _EMBEDDED_HUB_DATASET = 'zalando-datasets/fashion_mnist'
 _NOT_TRAINING_FLAGS = frozenset({
     'config', 'data', 'device', 'output', 'experiment', 'resume', 'no_resume_opt', 'local_rank', 'log_wandb',
     'wandb_project', 'wandb_tags', 'wandb_resume_id', 'push_to_hub', 'hub_private', 'hub_revision',
-    'log_interval', 'save_images', 'workers', 'pin_mem',
+    'hub_create_pr', 'hub_replace_card', 'log_interval', 'save_images', 'workers', 'pin_mem',
 })
 
 
@@ -309,35 +319,109 @@ def _fmt(value: float) -> str:
     return f'{value:.2f}'
 
 
+def hub_url(repo_id: str) -> str:
+    """The web address of a Hub model repo (on ``HF_ENDPOINT`` when set)."""
+    from huggingface_hub import constants
+    return f'{constants.ENDPOINT.rstrip("/")}/{repo_id}'
+
+
+def base_model(args: Dict[str, Any]) -> Optional[str]:
+    """The Hub model a training run started from, for the card's ``base_model``, or None.
+
+    That is the repo of ``--initial-checkpoint hf-hub:ORG/NAME``, or with ``--pretrained`` (and no
+    ``--pretrained-path``) the repo of ``--model hf-hub:ORG/NAME`` or the Hub repo timm downloads a
+    timm model's pretrained weights from (``resnet18`` -> ``timm/resnet18.a1_in1k``).
+
+    Args:
+        args: training arguments (a checkpoint's ``args``).
+    """
+    def repo_of(name: str) -> Optional[str]:
+        repo = name[len('hf-hub:'):].split('@')[0]
+        try:
+            return check_repo_id(repo)
+        except ValueError:
+            return None
+
+    initial = args.get('initial_checkpoint') or ''
+    if isinstance(initial, str) and initial.startswith('hf-hub:'):
+        return repo_of(initial)
+    model = args.get('model') or ''
+    if not args.get('pretrained') or args.get('pretrained_path') or not isinstance(model, str):
+        return None
+    if model.startswith('hf-hub:'):
+        return repo_of(model)
+    if ':' in model:  # local-dir: and other local sources
+        return None
+    try:
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(model, allow_unregistered=True)
+    except Exception:  # an unknown tag: no pretrained weights to name
+        return None
+    hub_id = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
+    return repo_of(f'hf-hub:{hub_id}') if hub_id else None
+
+
+def transformers_loads(config: Dict[str, Any]) -> bool:
+    """Whether Hugging Face transformers (``TimmWrapper``) can load an export with this ``config.json``.
+
+    transformers builds it with ``timm.create_model(config['architecture'], num_classes=..., **model_args)``:
+    that needs an architecture timm has, and no ``num_classes`` (nor ``features_only``) among ``model_args``
+    (our export removes ``num_classes``; timm's own repeats it, which transformers rejects).
+    """
+    architecture = config.get('architecture')
+    model_args = config.get('model_args') or {}
+    return (isinstance(architecture, str) and timm.is_model(architecture) and 'num_classes' not in model_args
+            and not model_args.get('features_only'))
+
+
+_IMAGE_MODES = {1: 'L', 3: 'RGB', 4: 'RGBA'}
+
+
 def model_card(
-        repo_id: str,
+        repo_id: Optional[str],
         checkpoint: TrainingCheckpoint,
         model: nn.Module,
         config: Dict[str, Any],
         license: str = 'apache-2.0',
         learning_curves: bool = False,
+        local_dir: Optional[str] = None,
+        revision: Optional[str] = None,
 ) -> str:
     """The ``README.md`` of a published checkpoint: Hub metadata, settings, data, evaluation, usage, citation.
 
+    Every name in it loads the files where they are: ``hf-hub:ORG/NAME`` (``@BRANCH`` when committed to
+    a branch) for a Hub repo, ``local-dir:FOLDER`` for a local export.
+
     Args:
-        repo_id: ``ORG/NAME`` the card is for.
+        repo_id: ``ORG/NAME`` the files are published to; None for a local export (``local_dir``).
         checkpoint: the published checkpoint.
         model: the model built from it.
         config: the exported ``config.json`` content.
         license: the Hub license id.
         learning_curves: whether ``learning_curves.png`` is published beside the card.
+        local_dir: the folder of a local export (when ``repo_id`` is None).
+        revision: the branch of ``repo_id`` the files are committed to (None or ``main``: the default one).
 
     Returns:
         The card's text.
     """
     from huggingface_hub import EvalResult, ModelCardData
 
+    if repo_id:
+        load_name = f'hf-hub:{repo_id}' + (f'@{revision}' if revision and revision != 'main' else '')
+        title = repo_id.split('/')[-1]
+    elif local_dir:
+        load_name = f'local-dir:{os.path.abspath(local_dir)}'
+        title = os.path.basename(os.path.normpath(local_dir))
+    else:
+        raise ValueError('model_card: give the Hub repo_id or the local_dir the files are in.')
     args = checkpoint.args
     final, rows = _evaluation(checkpoint)
     data_name, hub_dataset = _data_description(args)
     architecture = config['architecture']
+    num_classes = config['num_classes']
     subset = args.get('class_subset')
-    conditions = f'{config["num_classes"]} classes'
+    conditions = f'{num_classes} classes'
     if subset not in (None, ''):
         conditions += f' (class subset {subset!r} drawn with seed {args.get("seed")})'
     per_class = args.get('samples_per_class')
@@ -352,31 +436,37 @@ def model_card(
                 dataset_split=split, metric_type='accuracy' if key == 'top1' else 'top_5_accuracy',
                 metric_name=name, metric_value=round(final[key], 4)))
     tags = ['image-classification', 'timm', 'group-softmax-loss', 'timm-gsl']
+    if transformers_loads(config):
+        tags.append('transformers')
+    base = base_model(args)
     card_data = ModelCardData(
         library_name='timm', license=license, tags=tags, pipeline_tag='image-classification',
-        datasets=[hub_dataset] if hub_dataset else None, model_name=repo_id.split('/')[-1],
+        datasets=[hub_dataset] if hub_dataset else None, base_model=base, model_name=title,
         eval_results=eval_results or None)
     loss = args.get('loss', 'gsl')
     pre = config['pretrained_cfg']
-    input_size = 'x'.join(str(s) for s in pre['input_size'])
+    input_size = [int(s) for s in pre['input_size']]
     params = sum(p.numel() for p in model.parameters())
     lines = [
         '---', card_data.to_yaml(), '---', '',
-        f'# {repo_id.split("/")[-1]}', '',
+        f'# {title}', '',
         f'A timm `{architecture}` image classifier trained with the group softmax loss with discriminative '
         'feature grouping (Kobayashi, WACV 2021) using timm-gsl. '
         'The loss only shapes training: the model predicts with its ordinary linear classifier, so it is a '
-        'plain timm model and loads without timm-gsl.', '',
+        'plain timm model and loads without timm-gsl: '
+        f'`timm.create_model({load_name!r}, pretrained=True)`.', '',
         '## Model details', '',
         f'- **Architecture:** `{architecture}` ({params / 1e6:.2f}M parameters)',
-        f'- **Classes:** {config["num_classes"]}'
-        + (f' ({", ".join(config["label_names"])})' if config.get('label_names') else ''),
-        f'- **Input:** {input_size}, mean {pre.get("mean")}, std {pre.get("std")}, '
+        f'- **Classes:** {num_classes}'
+        + (f' ({", ".join(map(str, config["label_names"]))})' if config.get('label_names') else ''),
+        f'- **Input:** {"x".join(map(str, input_size))}, mean {pre.get("mean")}, std {pre.get("std")}, '
         f'crop {pre.get("crop_pct")} ({pre.get("interpolation")})',
         f'- **Weights:** {"EMA weights" if checkpoint.used_ema else "model weights"} after epoch '
         f'{checkpoint.epoch} (the best by {args.get("eval_metric", "top1")})',
-        '', '## Training loss', '',
     ]
+    if base:
+        lines.append(f'- **Started from:** [{base}]({hub_url(base)})')
+    lines += ['', '## Training loss', '']
     if loss == 'gsl':
         lines += [
             f'- **Loss:** group softmax loss, Type-{args.get("gsl_type")}',
@@ -411,33 +501,48 @@ def model_card(
         lines += ['No evaluation was recorded with this checkpoint.', '']
     if learning_curves:
         lines += ['## Learning curves', '', f'![Learning curves]({CURVES_FILE})', '']
-    hub_name = f'hf-hub:{repo_id}'
-    validate = ['python', 'validate.py', '--model', hub_name]
+    validate = ['python', 'validate.py', '--model', load_name]
     if not gsl_data.is_embedded(args.get('dataset') or ''):
         validate += ['--dataset', args.get('dataset') or '', '--data-dir', str(args.get('data_dir') or 'DIR')]
     if subset not in (None, ''):
         validate += ['--class-subset', str(subset), '--seed', str(args.get('seed'))]
+    # Fine-tuning elsewhere: only what this run fixes (input size, loss settings); the rest is the user's.
+    finetune = ['python', 'train.py', '--model', load_name, '--pretrained', '--data-dir', 'DIR',
+                '--num-classes', 'K', '--input-size'] + [str(s) for s in input_size]
+    if loss == 'gsl':
+        finetune += ['--loss', 'gsl', '--gsl-groups', str(args.get('gsl_groups') or 4),
+                     '--gsl-grouping', str(args.get('gsl_grouping') or 'discriminative')]
+    else:
+        finetune += ['--loss', str(loss)]
+    image_mode = _IMAGE_MODES.get(input_size[0], 'RGB')
     lines += [
         '## Usage', '',
+        f'The model takes {"x".join(map(str, input_size[1:]))} {image_mode} images (the transform below resizes '
+        f'and normalises any image) and tells apart the {num_classes} classes of {data_name} it was trained on.',
+        '',
         '```python',
         'import timm',
         'import torch',
+        'from PIL import Image',
         '',
-        f"model = timm.create_model('{hub_name}', pretrained=True).eval()",
+        f'model = timm.create_model({load_name!r}, pretrained=True).eval()',
         'config = timm.data.resolve_data_config({}, model=model)',
         'transform = timm.data.create_transform(**config)',
+        "labels = model.pretrained_cfg.get('label_names') or [str(i) for i in range(model.num_classes)]",
+        '',
+        f"image = Image.open('image.jpg').convert('{image_mode}')  # your image",
         'with torch.no_grad():',
-        '    probabilities = model(transform(image).unsqueeze(0)).softmax(dim=-1)  # image: a PIL image',
+        '    probabilities = model(transform(image).unsqueeze(0)).softmax(dim=-1)[0]',
+        'top = probabilities.topk(min(5, model.num_classes))',
+        'for p, i in zip(top.values.tolist(), top.indices.tolist()):',
+        "    print(f'{labels[i]}: {p:.3f}')",
         '```', '',
         'Evaluate it again (timm-gsl\'s `validate.py`, same data conditions):', '',
         '```bash', ' '.join(shlex.quote(w) for w in validate), '```', '',
-        'Fine-tune it with timm-gsl\'s `train.py` (the paper\'s Food-101 fine-tuning schedule: lr 0.0045, '
-        'divided by 10 at epochs 30, 60 and 90 of 120):', '',
-        '```bash', f'python train.py --model {hub_name} --pretrained --dataset hfds/ethz/food101 '
-        '--num-classes 101 --img-size 224 '
-        f'--loss gsl --gsl-type {args.get("gsl_type") or "II"} --gsl-groups {args.get("gsl_groups") or 4} '
-        '--opt sgd --momentum 0.9 --weight-decay 1e-4 -b 256 --lr 0.0045 --sched multistep '
-        '--decay-milestones 30 60 90 --decay-rate 0.1 --epochs 120 --warmup-epochs 0', '```', '',
+        f'Fine-tune it on your own images (a folder `DIR` with `train` and `validation` splits, `K` classes; '
+        f'with K other than {num_classes} timm replaces the classifier) with timm-gsl\'s `train.py`, at the '
+        f'input size it was trained at and with its loss settings; choose the schedule for your data:', '',
+        '```bash', ' '.join(shlex.quote(w) for w in finetune), '```', '',
         '## Training command', '',
         '```bash', training_command(args), '```', '',
         '## Citation', '',
@@ -446,8 +551,19 @@ def model_card(
     return '\n'.join(lines)
 
 
-def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: str, license: str) -> List[str]:
-    """Write the published files of ``checkpoint`` into the empty ``folder``; return their names."""
+# Fields of timm's pretrained_cfg about where the *base architecture's* weights come from (timm's release,
+# its paper, its Hub repo): they do not describe the weights published here.
+_FOREIGN_PROVENANCE = ('origin_url', 'hf_hub_id', 'hf_hub_filename', 'url', 'file', 'source', 'tag',
+                       'paper_ids', 'paper_name', 'notes', 'description')
+
+
+def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[str], license: str,
+               local_dir: Optional[str] = None, revision: Optional[str] = None) -> List[str]:
+    """Write the published files of ``checkpoint`` into the empty ``folder``; return their names.
+
+    The card and ``config.json`` name ``repo_id`` (``revision``) when given, else the local folder
+    ``local_dir``.
+    """
     model = build_model(checkpoint)
     args = checkpoint.args
     data_config = resolve_data_config(args, model=model)
@@ -462,9 +578,14 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: str, licens
     model_args = config.get('model_args') or {}
     model_args.pop('num_classes', None)
     model_args.pop('base_model', None)
-    # The source weights' tag and license describe weights this checkpoint does not hold.
-    config['pretrained_cfg'].pop('tag', None)
-    config['pretrained_cfg']['license'] = license
+    # timm's provenance of the base architecture's weights (origin, paper, tag, license) would attribute
+    # these weights to timm: it is replaced by this repo's address and license.
+    pretrained_cfg = config['pretrained_cfg']
+    for key in _FOREIGN_PROVENANCE:
+        pretrained_cfg.pop(key, None)
+    pretrained_cfg['license'] = license
+    if repo_id:
+        pretrained_cfg['origin_url'] = hub_url(repo_id)
     if model_args:
         config['model_args'] = model_args
     else:
@@ -476,11 +597,28 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: str, licens
     if os.path.isfile(curves):
         shutil.copyfile(curves, os.path.join(folder, CURVES_FILE))
         files.append(CURVES_FILE)
-    card = model_card(repo_id, checkpoint, model, config, license=license, learning_curves=CURVES_FILE in files)
+    card = model_card(repo_id, checkpoint, model, config, license=license, learning_curves=CURVES_FILE in files,
+                      local_dir=local_dir, revision=revision)
     with open(os.path.join(folder, CARD_FILE), 'w', encoding='utf-8') as f:
         f.write(card)
     files.append(CARD_FILE)
     return files
+
+
+def _default_modes(folder: str) -> Tuple[int, int]:
+    """The permissions ``open()`` and ``os.mkdir()`` give a new file and folder in ``folder``, measured there.
+
+    (The process umask, and a default ACL where the file system has one; reading the umask with
+    ``os.umask`` would briefly change it for every thread.)
+    """
+    probe = os.path.join(folder, '.permissions-probe')
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    os.mkdir(probe + '.d', 0o777)
+    try:
+        return stat.S_IMODE(os.stat(probe).st_mode), stat.S_IMODE(os.stat(probe + '.d').st_mode)
+    finally:
+        os.remove(probe)
+        os.rmdir(probe + '.d')
 
 
 def export_checkpoint(
@@ -492,12 +630,15 @@ def export_checkpoint(
 ) -> List[str]:
     """Write what :func:`push_checkpoint` would publish into a local folder (``local-dir:`` loadable).
 
-    The folder appears complete or not at all: it is written under a temporary name and renamed.
+    The folder appears complete or not at all: it is written under a temporary name and renamed. Its
+    files and the folder get the permissions of any new file (``0o666`` and ``0o777`` less the umask,
+    e.g. 0644 and 0755), the weights included.
 
     Args:
         checkpoint: a checkpoint of our ``train.py``.
         output_dir: the folder to create (must not exist, or be empty).
-        repo_id: the repo the card names (default: ``local/<folder name>``).
+        repo_id: the Hub repo the folder is meant for (to upload it yourself): the card and config then
+            name it. Default: the card loads the folder itself (``local-dir:<output_dir>``).
         use_ema: publish the EMA weights when the checkpoint has them.
         license: the Hub license id written in the card.
 
@@ -507,14 +648,19 @@ def export_checkpoint(
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ValueError(f'output_dir {output_dir!r} exists and is not an empty folder.')
-    repo_id = check_repo_id(repo_id or f'local/{os.path.basename(output_dir)}')
+    if repo_id is not None:
+        check_repo_id(repo_id)
     loaded = load_training_checkpoint(checkpoint, use_ema=use_ema)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output_dir)}.', dir=parent)
     try:
-        files = _export_to(tmp, loaded, repo_id, license)
-        os.chmod(tmp, 0o755)
+        files = _export_to(tmp, loaded, repo_id, license, local_dir=None if repo_id else output_dir)
+        # safetensors (and mkstemp, mkdtemp) create private files; give them what a plain write would.
+        file_mode, folder_mode = _default_modes(tmp)
+        for name in files:
+            os.chmod(os.path.join(tmp, name), file_mode)
+        os.chmod(tmp, folder_mode)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)
         os.rename(tmp, output_dir)
@@ -522,6 +668,17 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return files
+
+
+def check_publish_options(revision: Optional[str], create_pr: bool) -> None:
+    """Refuse a pull request aimed at a branch other than main (``huggingface_hub`` opens them against main).
+
+    Raises:
+        ValueError: ``create_pr`` with a ``revision`` other than main.
+    """
+    if create_pr and revision not in (None, '', 'main'):
+        raise ValueError(f'a pull request (--hub-create-pr) is opened against main, not branch {revision!r}: '
+                         f'drop the revision or the pull request.')
 
 
 def push_checkpoint(
@@ -533,10 +690,14 @@ def push_checkpoint(
         token: Optional[str] = None,
         use_ema: bool = False,
         license: str = 'apache-2.0',
+        create_pr: bool = False,
+        replace_card: bool = False,
 ) -> str:
     """Publish a checkpoint of our ``train.py`` to the Hugging Face Hub as a plain timm model.
 
-    The repo is created when missing, and the branch ``revision`` too. The files go up in one commit.
+    The repo is created when missing, and the branch ``revision`` too. The files go up in one commit,
+    or in one pull request against main with ``create_pr``. A ``README.md`` the repo already has (at
+    ``revision``) is kept, as timm's ``push_to_hf_hub`` keeps it, unless ``replace_card``.
 
     Args:
         checkpoint: the checkpoint file (``model_best.pth.tar`` of a run).
@@ -547,50 +708,65 @@ def push_checkpoint(
         token: a Hub token (default: ``HF_TOKEN`` or the token saved by ``hf auth login``).
         use_ema: publish the EMA weights when the checkpoint has them.
         license: the Hub license id written in the card.
+        create_pr: open a pull request against main instead of committing (``revision`` must be unset).
+        replace_card: replace an existing ``README.md`` with this checkpoint's card.
 
     Returns:
-        The URL of the commit.
+        The URL of the commit, or of the pull request with ``create_pr``.
 
     Raises:
-        ValueError: bad repo id, no token, or a checkpoint that cannot be published; raised before any
-            request to the Hub.
+        ValueError: bad repo id, no token, a pull request to a branch, or a checkpoint that cannot be
+            published; raised before any request to the Hub.
         HubPublishError: the Hub failed the upload; the commit was not made.
     """
     from huggingface_hub import HfApi, get_token
 
     check_repo_id(repo_id)
+    check_publish_options(revision, create_pr)
     token = token or get_token()
     if not token:
         raise ValueError('token: no Hugging Face token; pass --token, set HF_TOKEN, or run `hf auth login`.')
     loaded = load_training_checkpoint(checkpoint, use_ema=use_ema)
     message = commit_message or f'Add {os.path.basename(checkpoint)} (epoch {loaded.epoch}), trained with timm-gsl'
+    branch = revision if revision and revision != 'main' else None
     with tempfile.TemporaryDirectory(prefix='timm-gsl-push-') as folder:
         # Everything that can fail here (architecture, weights, card) fails before the Hub is contacted.
-        files = _export_to(folder, loaded, repo_id, license)
+        files = _export_to(folder, loaded, repo_id, license, revision=branch)
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+        kept_card = False
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision and revision != 'main':
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                       commit_message=message)
+            if branch:
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            if not replace_card and api.file_exists(repo_id, CARD_FILE, revision=branch):
+                os.remove(os.path.join(folder, CARD_FILE))
+                files.remove(CARD_FILE)
+                kept_card = True
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch,
+                                       commit_message=message, create_pr=create_pr)
         except Exception as e:  # HTTP errors and dropped connections alike
             raise HubPublishError(
                 f'Publishing {checkpoint!r} to {repo_id!r} failed: {type(e).__name__}: {e}. Nothing was '
                 f'committed; run the command again to retry.') from e
-    _logger.info(f'Published {", ".join(files)} to {repo_id} ({commit.commit_url}).')
-    return commit.commit_url
+    if kept_card:
+        _logger.info(f'{repo_id} already has a {CARD_FILE}: kept it (--replace-card replaces it with the card of '
+                     f'this checkpoint).')
+    url = (commit.pr_url if create_pr else None) or commit.commit_url
+    _logger.info(f'Published {", ".join(files)} to {repo_id}'
+                 f'{" as a pull request" if create_pr and commit.pr_url else ""} ({url}).')
+    return url
 
 
 def publish_run(args: argparse.Namespace, output_dir: str) -> str:
     """``train.py --push-to-hub``: publish the best checkpoint of a finished run (the last one if none is best).
 
     Args:
-        args: the run's arguments (``push_to_hub``, ``hub_revision``, ``hub_private``, ``model_ema``, ...).
+        args: the run's arguments (``push_to_hub``, ``hub_revision``, ``hub_private``, ``model_ema``, and
+            when the parser has them ``hub_create_pr`` and ``hub_replace_card``).
         output_dir: the run's folder.
 
     Returns:
-        The URL of the commit.
+        The URL of the commit (of the pull request with ``hub_create_pr``).
 
     Raises:
         ValueError, HubPublishError: as :func:`push_checkpoint`; the message says how to retry.
@@ -599,9 +775,17 @@ def publish_run(args: argparse.Namespace, output_dir: str) -> str:
     checkpoint = best if os.path.isfile(best) else os.path.join(output_dir, 'last.pth.tar')
     # The metrics that chose the best checkpoint were measured on the EMA weights when EMA was evaluated.
     use_ema = bool(getattr(args, 'model_ema', False) and not getattr(args, 'model_ema_force_cpu', False))
+    create_pr = bool(getattr(args, 'hub_create_pr', False))
+    replace_card = bool(getattr(args, 'hub_replace_card', False))
+    revision = getattr(args, 'hub_revision', None)
+    private = bool(getattr(args, 'hub_private', False))
     try:
-        return push_checkpoint(checkpoint, args.push_to_hub, revision=args.hub_revision,
-                               private=args.hub_private, use_ema=use_ema)
+        return push_checkpoint(checkpoint, args.push_to_hub, revision=revision, private=private, use_ema=use_ema,
+                               create_pr=create_pr, replace_card=replace_card)
     except (ValueError, HubPublishError) as e:
-        retry = f'python -m timm_gsl push {shlex.quote(checkpoint)} --repo-id {args.push_to_hub}'
-        raise type(e)(f'{e} The run itself is saved; publish it later with: {retry}') from e
+        retry = ['python', '-m', 'timm_gsl', 'push', checkpoint, '--repo-id', args.push_to_hub]
+        retry += ['--revision', revision] if revision else []
+        retry += (['--private'] if private else []) + (['--use-ema'] if use_ema else [])
+        retry += (['--hub-create-pr'] if create_pr else []) + (['--replace-card'] if replace_card else [])
+        raise type(e)(f'{e} The run itself is saved; publish it later with: '
+                      f'{" ".join(shlex.quote(w) for w in retry)}') from e

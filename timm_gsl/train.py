@@ -31,13 +31,15 @@ from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader, get
 from timm.data import resolve_data_config
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.models import create_model, load_checkpoint, safe_model_name
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler
 from timm.loss import LOSS_TYPES as TIMM_LOSS_TYPES
 
-from ._cli import check_at_least, explicit_dests, resolve_device
+from ._cli import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
+from ._cli import check_model_name, check_pretrained_weights, close_matches, exit_with_error, explicit_dests
+from ._cli import one_line, resolve_device
 from .data import EMBEDDED_DATASET, create_dataset, dataset_class_names, is_embedded
 from .functional import GROUPINGS, LOSS_TYPES as GSL_TYPES
 from .loss_factory import create_classification_loss
@@ -377,6 +379,12 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
                        help='with --push-to-hub, create the repo private')
     group.add_argument('--hub-revision', default=None, type=str, metavar='BRANCH',
                        help='with --push-to-hub, commit to this branch, created when missing (default: main)')
+    group.add_argument('--hub-create-pr', action='store_true', default=False,
+                       help='open a pull request on the Hub repo instead of committing to its main branch '
+                            '(with --push-to-hub)')
+    group.add_argument('--hub-replace-card', action='store_true', default=False,
+                       help='replace the repo\'s README.md (model card) when it has one; by default it is kept '
+                            '(with --push-to-hub)')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='metric that picks the best checkpoint (default: "top1")')
     group.add_argument('--tta', type=int, default=0, metavar='N',
@@ -440,7 +448,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     Returns:
         An ``argparse.ArgumentParser`` (``-c/--config`` included, for ``--help``).
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog='train.py',
         description='Train a timm model with the group softmax loss with discriminative feature grouping. '
                     'With no data flag (DIR, --data-dir, --dataset) it trains a small model on the embedded '
@@ -460,8 +468,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    with open(path, 'r') as f:
-        config = yaml.safe_load(f) or {}
+    check_file(path, '-c/--config', 'a YAML file of flag names and values')
+    try:
+        with open(path, 'r') as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f'-c/--config {path!r} is not a readable YAML file ({type(e).__name__}: '
+                         f'{one_line(e)[:200]}); expected a mapping of flag names to values.') from e
     if not isinstance(config, dict):
         raise ValueError(f"Config file {path!r} must hold a mapping of flag names to values, got "
                          f"{type(config).__name__}.")
@@ -486,12 +499,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
-    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser = ArgumentParser(prog=parser.prog, add_help=False)
     config_parser.add_argument('-c', '--config', default='', type=str)
     config_args, _ = config_parser.parse_known_args(argv)
     config: Dict[str, Any] = {}
     if config_args.config:
-        config = _read_config(config_args.config, parser)
+        try:
+            config = _read_config(config_args.config, parser)
+        except ValueError as e:
+            exit_with_error(parser.prog, e)
         parser.set_defaults(**config)
     args = parser.parse_args(argv)
     explicit = explicit_dests(parser, argv) | set(config)
@@ -681,6 +697,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--model-dtype {args.model_dtype!r} is not a torch dtype, expected e.g. float32 or '
                          f'bfloat16.')
     if args.push_to_hub:
+        from .hub import check_publish_options
+        check_publish_options(args.hub_revision, args.hub_create_pr)
         from huggingface_hub import get_token
         if not get_token():
             # Found now, not after the last epoch: a run would otherwise train for hours and then fail to publish.
@@ -694,8 +712,62 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--train-eval-interval {args.train_eval_interval} asks for the measurement that '
                          f'--no-train-eval turns off; pass one of them.')
     for flag, value in (('--gsl-groups', args.gsl_groups), ('--grad-accum-steps', args.grad_accum_steps),
-                        ('--val-interval', args.val_interval), ('--checkpoint-hist', args.checkpoint_hist)):
+                        ('--val-interval', args.val_interval), ('--checkpoint-hist', args.checkpoint_hist),
+                        ('-b/--batch-size', args.batch_size), ('--epochs', args.epochs)):
         check_at_least(flag, value)
+    for flag, value, minimum in (('-vb/--validation-batch-size', args.validation_batch_size, 1),
+                                 ('--num-classes', args.num_classes, 1), ('-j/--workers', args.workers, 0)):
+        if value is not None:
+            check_at_least(flag, value, minimum)
+    _check_names_and_files(args)
+
+
+_CHECKPOINT_EXPECTED = 'a checkpoint written by train.py (.pth.tar) or a .safetensors file'
+
+
+def _check_names_and_files(args: argparse.Namespace) -> None:
+    """The cheap part of reading the inputs: names timm must know, files and folders that must exist.
+
+    Runs before any dataset, model or checkpoint is read, so that a typo costs a second, not a folder scan.
+    Reading the checkpoints themselves (and the model's classifier size) follows at the start of
+    :func:`build_run`, still before the datasets.
+    """
+    check_model_name(args.model, '--model')
+    if args.pretrained and not args.pretrained_path:
+        check_pretrained_weights(args.model, '--pretrained')
+    if args.pretrained_path:
+        check_file(args.pretrained_path, '--pretrained-path', 'a weights file (.pth, .bin or .safetensors)')
+    if args.resume and args.resume.lower().endswith('.safetensors'):
+        raise ValueError(f'--resume {args.resume!r}: a .safetensors file holds weights only, without the '
+                         f'optimiser, schedule and epoch a resume restores; expected a .pth.tar checkpoint of '
+                         f'train.py, or pass the file to --initial-checkpoint.')
+    for flag, path in (('--resume', args.resume), ('--initial-checkpoint', args.initial_checkpoint)):
+        if path:
+            check_file(path, flag, _CHECKPOINT_EXPECTED)
+    check_class_subset(args.class_subset, '--class-subset')
+    if args.class_map:
+        check_file(args.class_map, '--class-map', 'a file mapping class names to indices')
+    root = args.data_dir or args.data
+    if (args.dataset or '').lower().startswith('torch/') and not args.dataset_download \
+            and not (root and os.path.isdir(root)):
+        where = f'--data-dir {root!r} does not exist' if root else 'no --data-dir was given'
+        raise ValueError(f'--dataset {args.dataset}: {where}, and without --dataset-download torchvision does not '
+                         f'fetch it; pass --dataset-download, or --data-dir FOLDER where it was downloaded.')
+    output = args.output or './output/train'
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f'--output {output!r} is a file, not a folder; expected a folder to write the run into.')
+    check_can_create(output, '--output')
+    try:  # the name as timm's optimizer factory reads it: 'lookahead_adamw' is adamw with lookahead
+        get_optimizer_info(args.opt.lower().split('_')[-1])
+    except ValueError:
+        suggestion = close_matches(args.opt.lower(), list_optimizers()) or ' (see timm.optim.list_optimizers())'
+        raise ValueError(f'--opt {args.opt!r}: timm has no optimizer of that name{suggestion}') from None
+    try:  # timm knows its schedules only by trying: on a throw-away optimiser, in microseconds
+        create_scheduler_v2(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+                            **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+                            updates_per_epoch=1)
+    except ValueError as e:
+        raise ValueError(f'--sched {args.sched!r}: {e}') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -843,19 +915,80 @@ def _dataset_size(dataset: Any, fallback: Optional[int]) -> Optional[int]:
         return fallback
 
 
-def _create_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
+def _in_chans(args: argparse.Namespace) -> int:
+    return args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
+
+
+def _model_options(args: argparse.Namespace) -> str:
+    """The flags that shape the model besides --model, as the user wrote them, for messages."""
+    given = [f'--model-kwargs {" ".join(f"{k}={v}" for k, v in args.model_kwargs.items())}'
+             if args.model_kwargs else '', f'--gp {args.gp}' if args.gp else '',
+             f'--in-chans {args.in_chans}' if args.in_chans is not None else '']
+    return ' '.join(g for g in given if g)
+
+
+def _probe_model(args: argparse.Namespace) -> Optional[nn.Module]:
+    """The model on the meta device: its shapes without memory, weights or data, in well under a second.
+
+    Returns:
+        The model, or None where it cannot be built on the meta device (some architectures compute
+        with their tensors while they are built, or it comes from the Hub); the checks that need it
+        then run on the real model instead.
+
+    Raises:
+        ValueError: ``--model-kwargs`` (or ``--gp``) holds an argument the architecture does not take.
+    """
+    if ':' in args.model:
+        return None
+    try:
+        with torch.device('meta'):
+            return create_model(args.model, pretrained=False, in_chans=_in_chans(args), num_classes=args.num_classes,
+                                global_pool=args.gp, scriptable=args.torchscript, **args.model_kwargs)
+    except TypeError as e:
+        if 'unexpected keyword argument' in str(e):
+            raise ValueError(f'--model {args.model} cannot be created with {_model_options(args) or "these options"}'
+                             f' ({one_line(e)}).') from None
+        return None
+    except Exception as e:  # noqa: BLE001 (anything meta-specific: the real model is checked later)
+        _logger.debug(f'--model {args.model}: no meta-device probe ({type(e).__name__}: {e}).')
+        return None
+
+
+def _create_model(args: argparse.Namespace, device: torch.device,
+                  initial_checkpoint: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The model to train, on ``device``, with ``--initial-checkpoint``'s weights when given.
+
+    Args:
+        args: parsed and checked arguments (``num_classes`` is filled in from the model when unset).
+        device: where the model goes.
+        initial_checkpoint: ``--initial-checkpoint`` already read with :func:`read_checkpoint` (read here
+            when None).
+
+    Raises:
+        ValueError: timm cannot create the model with these options, or the checkpoint does not fit it.
+    """
     overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
     drop_path = args.drop_path if args.drop_path is not None else args.drop_connect
-    model = create_model(
-        args.model, pretrained=args.pretrained or bool(args.pretrained_path), pretrained_cfg_overlay=overlay,
-        in_chans=in_chans, num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=drop_path,
-        drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
-        scriptable=args.torchscript, **args.model_kwargs)
+    try:
+        model = create_model(
+            args.model, pretrained=args.pretrained or bool(args.pretrained_path), pretrained_cfg_overlay=overlay,
+            in_chans=_in_chans(args), num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=drop_path,
+            drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps, scriptable=args.torchscript, **args.model_kwargs)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # An option the architecture does not take, pretrained weights that cannot be had or read, a bad tag.
+        options = _model_options(args)
+        weights = (f' with --pretrained-path {args.pretrained_path}' if args.pretrained_path
+                   else ' with --pretrained' if args.pretrained else '')
+        raise ValueError(f'--model {args.model}{" " + options if options else ""}{weights}: timm cannot create '
+                         f'it ({type(e).__name__}: {one_line(e)[:300]}).') from e
     if args.initial_checkpoint:
         # Loaded as timm's create_model(checkpoint_path=...) would, after checking the weights fit.
-        check_checkpoint_fits(read_checkpoint(args.initial_checkpoint, '--initial-checkpoint'), model, args.model,
-                              '--initial-checkpoint', args.initial_checkpoint)
+        if initial_checkpoint is None:
+            initial_checkpoint = read_checkpoint(args.initial_checkpoint, '--initial-checkpoint')
+        check_checkpoint_fits(initial_checkpoint, model, args.model, '--initial-checkpoint', args.initial_checkpoint)
         load_checkpoint(model, args.initial_checkpoint)
     if args.head_init_scale is not None:
         with torch.no_grad():
@@ -967,6 +1100,18 @@ def build_run(args: argparse.Namespace) -> _Run:
         set_fast_norm()
 
     check_data_source(args)
+    # Everything about the model and the checkpoints that can be known without the data is checked
+    # here, before the datasets (on ImageNet, a scan of 1.3M files): the classifier's feature size
+    # against --gsl-groups, and that every checkpoint named is a readable one.
+    if args.loss == 'gsl':
+        probe = _probe_model(args)
+        if probe is not None:
+            _check_groups_fit(args, probe)
+            del probe
+    # Read before anything is built on them: an unsafe, damaged or foreign file stops the run here.
+    resume_checkpoint = read_checkpoint(args.resume, '--resume') if args.resume else None
+    initial_checkpoint = (read_checkpoint(args.initial_checkpoint, '--initial-checkpoint')
+                          if args.initial_checkpoint else None)
     dataset_train, dataset_eval = _create_datasets(args)
     run.dataset_train = dataset_train
     names = dataset_class_names(dataset_train)
@@ -985,15 +1130,8 @@ def build_run(args: argparse.Namespace) -> _Run:
             _logger.info(f'--gsl-type auto: Type-{args.gsl_type}, as the training set has {num_train} images '
                          f'({"below" if args.gsl_type == "II" else "at or above"} {GSL_AUTO_THRESHOLD}).')
 
-    # Read before anything is built on them: an unsafe or foreign file stops the run here.
-    resume_checkpoint = None
-    if args.resume:
-        if args.resume.lower().endswith('.safetensors'):
-            raise ValueError(f'--resume {args.resume!r}: a .safetensors file holds weights only, without the '
-                             f'optimiser, schedule and epoch a resume restores; expected a .pth.tar checkpoint of '
-                             f'train.py, or pass the file to --initial-checkpoint.')
-        resume_checkpoint = read_checkpoint(args.resume, '--resume')
-    model = _create_model(args, device)
+    model = _create_model(args, device, initial_checkpoint)
+    del initial_checkpoint
     if args.loss == 'gsl':
         _check_groups_fit(args, model)
     if resume_checkpoint is not None:
@@ -1321,7 +1459,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         argv: command-line arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        What :func:`train` returns. A refused command line exits with status 2 and a message.
+        What :func:`train` returns. A refused command line (an unknown flag, a bad value or combination, a
+        model timm does not have, a missing or unreadable file) exits with status 2 and one line,
+        ``train.py: error: <message>``, before any dataset is read or anything is written.
     """
     _setup_logging()
     args, explicit = parse_args(argv)
@@ -1330,11 +1470,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if changed:
             _logger.info(f"No data flag: training on the embedded dataset '{args.dataset}' with the built-in "
                          f"recipe for {', '.join('--' + d.replace('_', '-') for d in changed if d != 'dataset')}.")
-        _resolve_device(args)
+        try:
+            _resolve_device(args)
+        except ImportError as e:
+            raise ValueError(f'--device-modules {" ".join(args.device_modules)}: {e}.') from e
         check_args(args)
         run = build_run(args)
     except ValueError as e:
-        get_args_parser().error(str(e))
+        exit_with_error('train.py', e)
     try:
         return train(run)
     except NonFiniteLossError as e:

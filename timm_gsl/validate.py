@@ -56,14 +56,17 @@ from timm.utils import (
     setup_default_logging,
 )
 
-from ._cli import check_at_least, explicit_dests, resolve_device
+from ._cli import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
+from ._cli import check_model_name, check_pretrained_weights, exit_with_error, explicit_dests, one_line
+from ._cli import resolve_device
 from . import data as gsl_data
-from .training import read_checkpoint, write_text_atomic
+from .training import check_checkpoint_fits, read_checkpoint, write_text_atomic
 
 __all__ = [
     'METRICS_AVERAGES',
     'RESULTS_FORMATS',
     'classification_metrics',
+    'check_args',
     'checkpoint_training_args',
     'get_args_parser',
     'main',
@@ -112,7 +115,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     Returns:
         A new parser.
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        prog='validate.py',
         description='Evaluate a timm model or checkpoint (timm-gsl). With no data flags, the embedded '
                     f'{gsl_data.EMBEDDED_DATASET!r} validation split is used.')
     add = parser.add_argument
@@ -281,12 +285,25 @@ def checkpoint_training_args(path: str) -> Dict[str, Any]:
 
     Returns:
         The arguments as a dict; empty for safetensors/NumPy files and checkpoints without ``args``.
+
+    Raises:
+        ValueError: the file is missing or not a readable checkpoint (see :func:`read_checkpoint`).
     """
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint {path!r}: no such file.")
-    if os.path.splitext(path)[1].lower() in ('.safetensors', '.npz', '.npy'):
-        return {}
-    checkpoint = read_checkpoint(path, '--checkpoint')
+    return _recorded_args(_read_checkpoint_file(path))
+
+
+_NUMPY_WEIGHTS = ('.npz', '.npy')  # JAX/NumPy weights: timm's load_checkpoint hands them to the model itself
+
+
+def _read_checkpoint_file(path: str) -> Optional[Dict[str, Any]]:
+    """``--checkpoint`` read with :func:`read_checkpoint` (safetensors included); None for NumPy weights."""
+    if os.path.splitext(path)[1].lower() in _NUMPY_WEIGHTS:
+        check_file(path, '--checkpoint', 'a checkpoint file')
+        return None
+    return read_checkpoint(path, '--checkpoint')
+
+
+def _recorded_args(checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     recorded = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     if isinstance(recorded, argparse.Namespace):
         recorded = vars(recorded)
@@ -398,6 +415,75 @@ def _check_choices(args: argparse.Namespace) -> None:
         check_at_least(flag, value)
 
 
+_WILDCARD = ('*', '?', '[')
+_DOWNLOADING_PREFIXES = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The cheap checks of a command line, run before any checkpoint, model or dataset is read.
+
+    Option values and combinations, the model name (a timm architecture with a known tag, ``hf-hub:``,
+    ``local-dir:``, a wildcard that matches, ``all`` or a file of names), and the files and folders
+    named: ``--checkpoint`` (a file, or a folder holding ``*.pth.tar``/``*.pth``), ``--class-subset
+    FILE``, ``--class-map``, ``--valid-labels``, ``--real-labels``, the data folder and where
+    ``--results-file`` goes.
+
+    Args:
+        args: options from :func:`parse_args`.
+
+    Raises:
+        ValueError: naming the flag, the value and what is expected.
+    """
+    _check_choices(args)
+    passed = _passed(args)
+    if args.checkpoint:
+        if os.path.isdir(args.checkpoint):
+            if not _bulk_checkpoints(args.checkpoint):
+                raise ValueError(f'--checkpoint {args.checkpoint!r} is a folder without any *.pth.tar or *.pth '
+                                 f'file; expected a checkpoint file, or a folder of them.')
+        else:
+            check_file(args.checkpoint, '--checkpoint',
+                       'a checkpoint written by train.py (.pth.tar), a .pth or a .safetensors file')
+    if 'model' in passed or not args.checkpoint:
+        name = args.model
+        if any(c in name for c in _WILDCARD) and not name.startswith(('hf-hub:', 'local-dir:')):
+            if not list_models(name, pretrained=True):
+                raise ValueError(f'--model {name!r}: the pattern matches no pretrained timm model '
+                                 f'(see timm.list_pretrained()).')
+        elif name != 'all' and not (os.path.isfile(name) and not is_model(name)):
+            check_model_name(name, '--model')
+            if not args.checkpoint and not name.startswith(('hf-hub:', 'local-dir:')):
+                try:
+                    check_pretrained_weights(name, '--model')
+                except ValueError:
+                    raise ValueError(f'--model {name}: without --checkpoint its pretrained weights are evaluated, '
+                                     f'but timm has none for it; pass --checkpoint FILE.') from None
+    check_class_subset(args.class_subset, '--class-subset')
+    for flag, path in (('--class-map', args.class_map), ('--valid-labels', args.valid_labels),
+                       ('--real-labels', args.real_labels)):
+        if path:
+            check_file(path, flag)
+    root = args.data or args.data_dir
+    if root and not (args.dataset or '').lower().startswith(_DOWNLOADING_PREFIXES) \
+            and not gsl_data.is_embedded(args.dataset or '') and not os.path.exists(root):
+        flag = '--data-dir' if args.data_dir else 'DIR'
+        raise ValueError(f'{flag} {root!r}: no such file or folder; expected an existing image folder (one '
+                         f'sub-folder per class, optionally under {args.split}/) or a tar file.')
+    if args.results_file:
+        folder = os.path.dirname(args.results_file) or '.'
+        if os.path.isdir(args.results_file):
+            raise ValueError(f'--results-file {args.results_file!r} is a folder; expected a file name to write.')
+        if not os.path.isdir(folder):
+            raise ValueError(f'--results-file {args.results_file!r}: no such folder {folder!r}; expected a file in '
+                             f'an existing folder.')
+        check_can_create(args.results_file, '--results-file')
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"Unknown --device {args.device!r}: expected a torch device such as 'cuda' or 'cpu' "
+                         f"({e}).") from None
+
+
 def _compile(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     if args.torchscript:
         return torch.jit.script(model)
@@ -460,8 +546,13 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     args = copy.copy(args)
     passed = _passed(args)
     _check_choices(args)
+    checkpoint = None
     if args.checkpoint:
-        _take_training_args(args, checkpoint_training_args(args.checkpoint), passed)
+        # Read (without running anything in it) before the model and the data: a damaged or foreign file stops here.
+        checkpoint = _read_checkpoint_file(args.checkpoint)
+        _take_training_args(args, _recorded_args(checkpoint), passed)
+        if 'model' not in passed:
+            check_model_name(args.model, f'--checkpoint {args.checkpoint!r} records --model')
     # Without a checkpoint the weights must come from somewhere: the model's pretrained ones.
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
@@ -490,20 +581,35 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.fast_norm:
         set_fast_norm()
 
-    model = create_model(**resolve_model_input_args(
-        args.model,
-        vars(args),
-        pretrained=args.pretrained,
-        num_classes=args.num_classes,
-        global_pool=args.gp,
-        scriptable=args.torchscript,
-        **args.model_kwargs,
-    ))
+    try:
+        model = create_model(**resolve_model_input_args(
+            args.model,
+            vars(args),
+            pretrained=args.pretrained,
+            num_classes=args.num_classes,
+            global_pool=args.gp,
+            scriptable=args.torchscript,
+            **args.model_kwargs,
+        ))
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # An option the architecture does not take, pretrained weights that cannot be had, a bad tag.
+        weights = '' if args.checkpoint else ' (its pretrained weights, as no --checkpoint is given)'
+        raise ValueError(f'--model {args.model}{weights}: timm cannot create it ({type(e).__name__}: '
+                         f'{one_line(e)[:300]}).') from e
     if args.num_classes is None:
         if not hasattr(model, 'num_classes'):
             raise ValueError(f'--num-classes is needed: model {args.model!r} has no num_classes attribute.')
         args.num_classes = model.num_classes
     if args.checkpoint:
+        if checkpoint is not None:
+            # Other names or shapes: one line naming the first mismatches, not load_state_dict's page of keys.
+            weights = checkpoint
+            if args.use_ema and isinstance(checkpoint.get('state_dict_ema'), dict):
+                weights = dict(state_dict=checkpoint['state_dict_ema'], arch=checkpoint.get('arch'))
+            check_checkpoint_fits(weights, model, args.model, '--checkpoint', args.checkpoint)
+        del checkpoint
         load_checkpoint(model, args.checkpoint, args.use_ema)
     if args.reparam:
         model = reparameterize_model(model)
@@ -659,12 +765,16 @@ def _validate_with_retry(args: argparse.Namespace, initial_batch_size: int) -> D
     return OrderedDict(model=args.model, error=error)
 
 
+def _bulk_checkpoints(folder: str) -> List[str]:
+    """The ``*.pth.tar`` and ``*.pth`` files of a folder, in natural order."""
+    found = glob.glob(os.path.join(folder, '*.pth.tar')) + glob.glob(os.path.join(folder, '*.pth'))
+    return sorted(found, key=natural_key)
+
+
 def _bulk_runs(args: argparse.Namespace) -> List[tuple]:
     """``(model, checkpoint)`` pairs for bulk validation; empty for a single run (timm's rules)."""
     if os.path.isdir(args.checkpoint):
-        found = glob.glob(os.path.join(args.checkpoint, '*.pth.tar')) + glob.glob(
-            os.path.join(args.checkpoint, '*.pth'))
-        return [(args.model, path) for path in sorted(found, key=natural_key)]
+        return [(args.model, path) for path in _bulk_checkpoints(args.checkpoint)]
     runs = []
     if args.model == 'all':
         args.pretrained = True
@@ -705,6 +815,15 @@ def write_results(
     write_text_atomic(path, text)
 
 
+def _setup_logging() -> None:
+    # timm's setup adds a console handler on every call (bound to the stderr of that moment): add one only
+    # when nothing is configured, so that calling main() again (tests, notebooks) does not stack them.
+    if not logging.root.handlers:
+        setup_default_logging()
+    elif logging.root.level > logging.INFO or logging.root.level == logging.NOTSET:
+        logging.root.setLevel(logging.INFO)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
     """Command-line entry: validate, write ``--results-file``, print ``--result`` and the JSON results.
 
@@ -713,11 +832,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dic
 
     Returns:
         The result dict, or for bulk validation (a checkpoint folder, ``--model all``, a wildcard or a
-        file of model names) the list of results, best top-1 first.
+        file of model names) the list of results, best top-1 first. A refused command line (a bad value
+        or combination, a model timm does not have, a missing or unreadable file) exits with status 2 and
+        one line, ``validate.py: error: <message>``, before anything is evaluated or written.
     """
-    setup_default_logging()
+    _setup_logging()
     args = parse_args(argv)
-    _check_choices(args)
+    try:
+        return _main(args)
+    except ValueError as e:
+        exit_with_error('validate.py', e)
+
+
+def _main(args: argparse.Namespace) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    check_args(args)
     runs = _bulk_runs(args)
     if runs:
         _logger.info('Running bulk validation on: ' + ', '.join(c or m for m, c in runs))
