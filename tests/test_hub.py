@@ -479,7 +479,8 @@ def test_missing_token_is_refused_before_any_request(server, hf_home, published,
     before = len(server.requests)
     done = _push(server, str(tmp_path / 'empty_home'), tmp_path, published, '--repo-id', 'gsl-org/no-token',
                  token=None)
-    assert done.returncode == 1 and 'no Hugging Face token' in done.stderr
+    assert done.returncode == 2 and 'no Hugging Face token' in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and 'Traceback' not in done.stderr
     assert len(server.requests) == before
 
 

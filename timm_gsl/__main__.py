@@ -111,6 +111,10 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f'FOLDER {output_dir!r} exists and is not an empty folder; expected a new (or empty) '
                              f'folder to export into.')
         check_can_create(output_dir, 'FOLDER')
+    if args.command == 'push' and not args.token:
+        from huggingface_hub import get_token
+        if not get_token():  # before the checkpoint is read, and long before any request
+            raise ValueError('--token: no Hugging Face token; pass --token, set HF_TOKEN, or run `hf auth login`.')
     loaded = load_training_checkpoint(args.checkpoint)  # (the command itself says which weights it publishes)
     model = build_model(loaded)
     del loaded, model
@@ -124,10 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 1 when the command failed (the Hub refused or dropped the upload,
-        no token; the message is on stderr). A command line that does not parse, a checkpoint that is not
-        a readable training checkpoint and (export) a folder that is not new exit with status 2 and one
-        line, ``python -m timm_gsl <command>: error: <message>``, before anything is written or sent.
+        The exit status: 0 on success, 1 when the command failed (the Hub refused or dropped the upload;
+        the message is on stderr). A command line that does not parse, a missing token (push), a checkpoint
+        that is not a readable training checkpoint and (export) a folder that is not new exit with status 2
+        and one line, ``python -m timm_gsl <command>: error: <message>``, before anything is written or sent.
     """
     from .hub import HubPublishError
 
