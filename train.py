@@ -2,9 +2,9 @@
 """Train a timm model with the group softmax loss: timm's train.py flags plus --loss/--gsl-*.
 
 ``python train.py`` with no data flag trains on the embedded Fashion-MNIST subset; see
-``python train.py --help`` and :mod:`timm_gsl.train`.
+``python train.py --help`` and :mod:`timm_gsl.cli.train`.
 """
-from timm_gsl.train import main
+from timm_gsl.cli.train import main
 
 if __name__ == '__main__':
     main()

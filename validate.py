@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Evaluate a timm model or a timm-gsl checkpoint: timm's validate.py command line.
 
-All the logic lives in :mod:`timm_gsl.validate`; ``python validate.py --help`` lists the flags.
+All the logic lives in :mod:`timm_gsl.cli.validate`; ``python validate.py --help`` lists the flags.
 """
-from timm_gsl.validate import main
+from timm_gsl.cli.validate import main
 
 if __name__ == '__main__':
     main()

@@ -24,9 +24,9 @@ on a shared machine largely cancels; "speed-up vs literal" is the literal's rati
 
 Usage::
 
-    python benchmarks/bench_loss.py                 # B in {64, 256}, G in {2, 4, 8}, D=2048, C=1000
-    python benchmarks/bench_loss.py --quick         # smoke run: B=32, G=4, 3 rounds
-    python benchmarks/bench_loss.py --sizes 64 --groups 4 --variants plain,ours,literal
+    python -m benchmarks.bench_loss                 # B in {64, 256}, G in {2, 4, 8}, D=2048, C=1000
+    python -m benchmarks.bench_loss --quick         # smoke run: B=32, G=4, 3 rounds
+    python -m benchmarks.bench_loss --sizes 64 --groups 4 --variants plain,ours,literal
 """
 from __future__ import annotations
 
@@ -43,8 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timm_gsl.functional import (  # noqa: E402
+from timm_gsl.functional import (
     check_loss_type,
     group_cross_entropy,
     group_logits,

@@ -6,19 +6,17 @@ optimiser and the same number of steps, interleaved in one process:
 
 * ``timm``: a minimal loop written here: ``model(input)``, timm's label-smoothing / soft-target
   cross-entropy, ``backward``, ``optimizer.step``, ``lr_scheduler.step_update``;
-* ``ours-ce``: :func:`timm_gsl.training.train_one_epoch` with ``--loss ce``;
+* ``ours-ce``: :func:`timm_gsl.engine.train_one_epoch` with ``--loss ce``;
 * ``ours-gsl``: the same with ``--loss gsl`` (the group softmax loss).
 
 It prints the median seconds per step of each and the ratios to ``timm`` (target: ~1.00 for ce,
 a few percent above for gsl). Timings on a shared machine are noisy: compare the ratios.
 
 Usage:
-    python benchmarks/bench_train.py [--model resnet10t] [--batch-size 64] [--steps 10] [--repeats 5]
+    python -m benchmarks.bench_train [--model resnet10t] [--batch-size 64] [--steps 10] [--repeats 5]
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -27,9 +25,8 @@ from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from timm_gsl.train import EMBEDDED_RECIPE, apply_embedded_recipe, build_run, check_args, parse_args  # noqa: E402
-from timm_gsl.training import TrainingState, train_one_epoch  # noqa: E402
+from timm_gsl.cli.train import EMBEDDED_RECIPE, apply_embedded_recipe, build_run, check_args, parse_args
+from timm_gsl.engine import TrainingState, train_one_epoch
 
 
 def _build(loss: str, cli: argparse.Namespace):
@@ -69,7 +66,7 @@ def main() -> None:
     reference = runs['ours-ce']
     # The same batches for every loop, drawn once from train.py's loader.
     batches = [(x.clone(), y.clone()) for x, y in reference.loader_train]
-    args = reference.args
+    args = reference.config  # the flags with what the run derived (num_classes, lr)
 
     model = create_model(args.model, in_chans=args.in_chans, num_classes=args.num_classes)
     model.load_state_dict(reference.task.get_trainable_module().state_dict())

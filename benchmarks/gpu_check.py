@@ -22,8 +22,8 @@ as JSON:
 
 Usage::
 
-    python benchmarks/gpu_check.py --output benchmarks/results/gpu_check.json        # on a GPU, < 10 min
-    python benchmarks/gpu_check.py --device cpu --quick --output /tmp/gpu_check.json   # smoke run
+    python -m benchmarks.gpu_check --output benchmarks/results/gpu_check.json        # on a GPU, < 10 min
+    python -m benchmarks.gpu_check --device cpu --quick --output /tmp/gpu_check.json   # smoke run
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch

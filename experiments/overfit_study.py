@@ -69,10 +69,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ''):  # run as a file: make the ``experiments`` package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments.reproduce import (  # noqa: E402
+from experiments.reproduce import (
     FASHION_MNIST_DIR,
     LOSSES,
     REPO_ROOT,
@@ -562,7 +559,7 @@ def summarize_history(history: Sequence[Dict[str, Any]], groups: Optional[int]) 
     """The final metrics of a run from its summary.csv rows.
 
     Args:
-        history: one dict per epoch (``timm_gsl.training.read_summary``).
+        history: one dict per epoch (``timm_gsl.engine.read_summary``).
         groups: G of a GSL run (None for softmax: no grouping statistics).
 
     Returns:

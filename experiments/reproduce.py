@@ -21,9 +21,9 @@ sittings. After the runs, ``OUTPUT/table.md`` (mean ± std of top-1 error over s
 ``error_vs_classes.png`` and ``error_vs_samples.png`` are rebuilt from every JSON present.
 
 Examples:
-    python experiments/reproduce.py --output results --plan     # list the runs and the time estimate
-    python experiments/reproduce.py --output results            # the full study (resumable)
-    python experiments/reproduce.py --output results/quick --quick   # a smoke run of a few minutes
+    python -m experiments.reproduce --output results --plan     # list the runs and the time estimate
+    python -m experiments.reproduce --output results            # the full study (resumable)
+    python -m experiments.reproduce --output results/quick --quick   # a smoke run of a few minutes
 """
 from __future__ import annotations
 
@@ -42,10 +42,6 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The runs train this checkout's timm_gsl (see run_one); this process reads their output with the same code,
-# whether or not (or wherever) the package is installed.
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte',
                        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
@@ -358,7 +354,7 @@ def pending_runs(runs: Sequence[RunSpec], output: str) -> List[RunSpec]:
     return [spec for spec in runs if not os.path.exists(result_path(output, spec))]
 
 
-_TRAIN_SNIPPET = 'import sys\nfrom timm_gsl.train import main\nmain(sys.argv[1:])\n'
+_TRAIN_SNIPPET = 'import sys\nfrom timm_gsl.cli.train import main\nmain(sys.argv[1:])\n'
 
 
 def train_in_subprocess(run_id: str, argv_for: Callable[[str], List[str]], output: str,
@@ -391,7 +387,7 @@ def train_in_subprocess(run_id: str, argv_for: Callable[[str], List[str]], outpu
         wall_s = time.time() - started
         if proc.returncode != 0:
             raise RuntimeError(f'train.py failed for {run_id} (exit {proc.returncode}):\n' + proc.stdout[-3000:])
-        from timm_gsl.training import read_summary  # the package's own reader of summary.csv
+        from timm_gsl.engine import read_summary  # the package's own reader of summary.csv
         history = read_summary(os.path.join(work, run_id, 'summary.csv'))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -441,17 +437,9 @@ def _versions() -> Dict[str, str]:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """The package's atomic writer, imported when first used (it loads torch, which this process avoids)."""
+    from timm_gsl.engine.atomic import write_bytes_atomic
+    write_bytes_atomic(path, data)
 
 
 def write_json(path: str, record: Dict[str, Any]) -> None:
@@ -743,17 +731,12 @@ def plot_study(records: Sequence[Dict[str, Any]], design: StudyDesign, recipe: R
     if ax.lines:
         ax.legend()
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.plot-', suffix='.png', dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        from timm_gsl.engine.atomic import atomic_path
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format='png')
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_report(output: str, design: StudyDesign, recipe: Recipe) -> List[Dict[str, Any]]:

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from timm_gsl import validate as validate_py
-from timm_gsl.train import apply_embedded_recipe, build_run, check_args, main, parse_args
-from timm_gsl.training import read_checkpoint
+from timm_gsl.cli import validate as validate_py
+from timm_gsl.cli.train import apply_embedded_recipe, build_run, check_args, main, parse_args
+from timm_gsl.engine import read_checkpoint
 
 # timm's BatchNorm-free test_vit has 64 features; 3 classes of 8 embedded images, one batch an epoch.
 TINY = ['--model', 'test_vit', '--img-size', '32', '--class-subset', '3', '--samples-per-class', '8', '-b', '8',

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from timm_gsl.train import check_args, parse_args, resolve_gsl_type, uses_embedded_recipe
+from timm_gsl.cli.train import check_args, parse_args, resolve_gsl_type, uses_embedded_recipe
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 

@@ -1,6 +1,5 @@
 """Tests for timm_gsl/data.py: the embedded Fashion-MNIST subset and the class / sample data conditions."""
 import gzip
-import importlib.util
 import os
 from collections import Counter
 
@@ -166,10 +165,7 @@ def test_embedded_images_are_real_fashion_mnist(split, files):
 @needs_source
 @pytest.mark.slow
 def test_make_embedded_dataset_rebuilds_the_shipped_files_byte_for_byte(tmp_path):
-    spec = importlib.util.spec_from_file_location('make_embedded_dataset',
-                                                  os.path.join(REPO, 'tools', 'make_embedded_dataset.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import make_embedded_dataset as tool
     tool.main(['--source', FASHION_MNIST_DIR, '--out', str(tmp_path)])
     shipped = os.path.join(REPO, 'timm_gsl', 'datasets', 'fashion_mnist')
     for name in ('fashion_mnist_subset.npz', 'meta.json'):

@@ -21,8 +21,8 @@ import time
 import pytest
 import torch
 
-from timm_gsl.train import main
-from timm_gsl.training import read_checkpoint
+from timm_gsl.cli.train import main
+from timm_gsl.engine import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +175,7 @@ def test_dist_bn_reduce_averages_batchnorm_statistics_across_processes(tmp_path,
 FAULTY_TRAIN_PY = textwrap.dedent('''
     import os, sys
     from timm_gsl.loss import GroupSoftmaxLoss
-    from timm_gsl.train import main
+    from timm_gsl.cli.train import main
 
     fault, rank, call = os.environ['GSL_FAULT'], int(os.environ['GSL_FAULT_RANK']), int(os.environ['GSL_FAULT_CALL'])
     calls = [0]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from timm_gsl.loss import GroupSoftmaxLoss
-from timm_gsl.train import apply_embedded_recipe, build_run, check_args, main, parse_args
-from timm_gsl.training import AtomicCheckpointSaver, loss_is_finite, read_checkpoint
+from timm_gsl.cli.train import apply_embedded_recipe, build_run, check_args, main, parse_args
+from timm_gsl.engine import AtomicCheckpointSaver, loss_is_finite, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 48 images in 6 batches an epoch, a recovery checkpoint after every update, an EMA: every kind of file.

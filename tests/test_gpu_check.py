@@ -1,8 +1,6 @@
 """benchmarks/gpu_check.py runs its code paths at toy sizes on the CPU, so it works when a GPU appears."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -11,11 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location('gpu_check', os.path.join(ROOT, 'benchmarks', 'gpu_check.py'))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import gpu_check
+    return gpu_check
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Tests of timm_gsl/hub.py and ``python -m timm_gsl push``: publish to a Hub, load back with plain timm.
 
-The Hub is :class:`tests.hub_server.HubServer` on 127.0.0.1, driven by the real ``huggingface_hub``
+The Hub is :class:`tests._hub_server.HubServer` on 127.0.0.1, driven by the real ``huggingface_hub``
 client. That client reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` when it is imported, so publishing
 and loading run in subprocesses with those variables set. The loading side runs outside the
 repository, never imports ``timm_gsl`` (checked), and refuses to unpickle anything (``torch.load`` and
@@ -22,9 +22,9 @@ import yaml
 
 from timm_gsl import hub
 from timm_gsl.data import EMBEDDED_DATASET, create_dataset, dataset_class_names
-from timm_gsl.train import main as train_main
+from timm_gsl.cli.train import main as train_main
 
-from hub_server import HubServer
+from _hub_server import HubServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = 'hf_test_token'
@@ -200,11 +200,11 @@ def test_model_card_has_hub_metadata_settings_conditions_metrics_and_citation(se
 
 
 def test_training_command_sets_exactly_the_non_default_training_flags():
-    from timm_gsl.train import get_args_parser
+    from timm_gsl.cli.train_args import get_args_parser, training_command
     defaults = vars(get_args_parser().parse_args([]))
     args = dict(defaults, model='resnet18', gsl_groups=8, mean=[0.5, 0.4, 0.3], pin_mem=True, no_aug=True,
                 model_kwargs={'drop_rate': 0.1}, output='/somewhere', push_to_hub='a/b')
-    command = hub.training_command(args)
+    command = training_command(args)
     assert command == ('python train.py --model resnet18 --mean 0.5 0.4 0.3 --model-kwargs drop_rate=0.1 '
                        '--no-aug --gsl-groups 8')
     parsed = get_args_parser().parse_args(command.split()[2:])
@@ -402,7 +402,7 @@ def test_publish_run_honours_hub_create_pr(server, hf_home, run_dir, tmp_path):
     """)
     script = textwrap.dedent(f"""
         import argparse
-        from timm_gsl.hub import publish_run
+        from timm_gsl.cli.train import publish_run
         args = argparse.Namespace(push_to_hub={repo!r}, hub_revision=None, hub_private=False, model_ema=False,
                                   hub_create_pr=True)
         print('URL', publish_run(args, {run_dir!r}))
@@ -513,7 +513,7 @@ def test_malformed_repo_id_is_refused(repo_id, monkeypatch, published):
         main(['push', published, '--repo-id', repo_id])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
-        from timm_gsl.train import parse_args
+        from timm_gsl.cli.train import parse_args
         parse_args(['--push-to-hub', repo_id])
     assert exit_info.value.code == 2
 

@@ -7,7 +7,7 @@ import torch
 from timm_gsl import GroupSoftmaxLoss, GroupSoftmaxOutput
 from timm_gsl.functional import group_softmax_loss
 
-from test_functional import assert_same_value_and_grads, assert_value_error_says
+from _assertions import assert_same_value_and_grads, assert_value_error_says
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 B, D, C = 6, 10, 5

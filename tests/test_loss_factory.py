@@ -12,7 +12,7 @@ from timm.loss import create_classification_loss as timm_create_classification_l
 from timm_gsl import GroupSoftmaxLoss, create_classification_loss
 from timm_gsl.loss_factory import LOSS_TYPES
 
-from test_functional import assert_value_error_says
+from _assertions import assert_value_error_says
 
 
 def settings_of(module: nn.Module) -> Dict[str, Any]:

@@ -23,9 +23,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import timm_gsl.__main__ as gsl_main
-from timm_gsl import train as train_py
-from timm_gsl import validate as validate_py
+import timm_gsl.cli.hub as gsl_main
+from timm_gsl.cli import train as train_py
+from timm_gsl.cli import validate as validate_py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

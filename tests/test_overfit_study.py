@@ -6,12 +6,10 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+from _fashion_mnist_idx import write_fashion_mnist_idx
+from experiments import overfit_study as study
 
-from experiments import overfit_study as study  # noqa: E402
-from _fashion_mnist_idx import write_fashion_mnist_idx  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DESIGN = study.StudyDesign()
 A, B = DESIGN.recipe_a, DESIGN.recipe_b
@@ -165,7 +163,7 @@ def test_loss_flags(loss, grouping, flags):
 
 
 def test_train_py_reads_the_argv_as_intended():
-    from timm_gsl.train import parse_args
+    from timm_gsl.cli.train import parse_args
     args, _ = parse_args(study.train_argv(study.RunSpec(A, 'Type-II', 10, 100, 1, 4, 'random'), '/d', '/w'))
     assert (args.sched, args.epochs, args.decay_milestones, args.lr_base, args.batch_size) == (
         'multistep', 240, [90, 180, 210], 0.1, 64)

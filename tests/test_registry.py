@@ -11,7 +11,7 @@ import timm_gsl
 from timm.models import save_for_hf
 from timm_gsl import GroupSoftmaxLoss, GroupSoftmaxOutput
 
-from test_head import Case, ClassifierTap, batch
+from _timm_cases import Case, ClassifierTap, batch
 
 BASE = Case('test_resnet')
 

@@ -1,19 +1,13 @@
 """experiments/reproduce.py: the planner, skip-if-done, aggregation, report, and one real run."""
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
-from timm_gsl.train import parse_args
+from timm_gsl.cli.train import parse_args
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'reproduce.py')
-_spec = importlib.util.spec_from_file_location('experiments_reproduce', _PATH)
-reproduce = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = reproduce  # dataclasses look their module up while the file runs
-_spec.loader.exec_module(reproduce)
+from experiments import reproduce
 
 DESIGN = reproduce.StudyDesign()
 RECIPE = reproduce.Recipe()

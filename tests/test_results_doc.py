@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from test_reproduce import reproduce
+from experiments import reproduce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, 'docs', 'results.md')

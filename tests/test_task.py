@@ -17,7 +17,7 @@ import timm_gsl
 from timm.utils.model import unwrap_model
 from timm_gsl import GroupSoftmaxLoss, GroupSoftmaxOutput, GroupSoftmaxTask
 
-from test_head import Case, ClassifierTap, batch
+from _timm_cases import Case, ClassifierTap, batch
 
 # A BatchNorm-free model (LayerNorm only, no dropout by default), so that a batch split over ranks
 # computes exactly what the whole batch computes in one process.

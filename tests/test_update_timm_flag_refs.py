@@ -1,5 +1,4 @@
 """Tests of tools/update_timm_flag_refs.py on a small script shaped like timm's train.py and validate.py."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,12 +7,9 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, 'tools', 'update_timm_flag_refs.py')
 DATA = os.path.join(ROOT, 'tests', 'data')
 
-spec = importlib.util.spec_from_file_location('update_timm_flag_refs', TOOL)
-tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool)
+from tools import update_timm_flag_refs as tool  # noqa: E402
 
 # Every construct timm's scripts use: a -c/--config parser, groups, a positional added to the parser
 # inside a group's section, a mutually exclusive group, implicit defaults, float and arithmetic
@@ -121,8 +117,8 @@ def checkout(tmp_path):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, TOOL] + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, '-m', 'tools.update_timm_flag_refs'] + [str(a) for a in args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_command_writes_the_tsv_format_the_tests_read(checkout, tmp_path):

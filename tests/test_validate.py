@@ -25,7 +25,7 @@ from timm.data import create_transform, resolve_data_config
 from timm.utils import accuracy
 
 from timm_gsl import data as gsl_data
-from timm_gsl.validate import (
+from timm_gsl.cli.validate import (
     checkpoint_training_args,
     classification_metrics,
     get_args_parser,
@@ -240,7 +240,7 @@ def test_class_subset_and_seed_recorded_in_checkpoint_are_applied_unless_passed(
 
 
 def test_checkpoint_of_our_train_py_gives_the_top1_training_measured(tmp_path, capsys):
-    from timm_gsl.train import main as train_main
+    from timm_gsl.cli.train import main as train_main
     train_main(['--model', 'test_resnet', '--class-subset', '3', '--samples-per-class', '8', '-b', '8',
                 '--train-batches-per-epoch', '2', '-j', '0', '--epochs', '1', '--output', str(tmp_path),
                 '--experiment', 'run'])

@@ -26,7 +26,6 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -36,7 +35,7 @@ import shlex
 import shutil
 import stat
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,7 +45,8 @@ from timm.models import clean_state_dict, save_for_hf
 
 from . import data as gsl_data
 from .head import is_converted, unconvert_model
-from .training import atomic_path, read_checkpoint
+from .engine.atomic import atomic_path
+from .engine.checkpoint_io import read_checkpoint
 
 __all__ = [
     'CITATION',
@@ -59,15 +59,16 @@ __all__ = [
     'export_checkpoint',
     'hub_url',
     'model_card',
-    'publish_run',
     'push_checkpoint',
     'load_training_checkpoint',
-    'repo_id_type',
-    'training_command',
     'transformers_loads',
 ]
 
 _logger = logging.getLogger(__name__)
+
+# Renders the training arguments a checkpoint records as the command line that trains it again (the
+# command line module knows its flags; see timm_gsl.cli.train_args.training_command).
+TrainingCommand = Callable[[Dict[str, Any]], str]
 
 CITATION = """@inproceedings{kobayashi2021group,
   title     = {Group Softmax Loss with Discriminative Feature Grouping},
@@ -86,14 +87,6 @@ CURVES_FILE = 'learning_curves.png'
 SUMMARY_FILE = 'summary.csv'
 # The Hub dataset the embedded subset comes from, for the card's `datasets` metadata.
 _EMBEDDED_HUB_DATASET = 'zalando-datasets/fashion_mnist'
-# train.py options that say where a run goes or how it is published, not how it trains.
-_NOT_TRAINING_FLAGS = frozenset({
-    'config', 'data', 'device', 'output', 'experiment', 'resume', 'no_resume_opt', 'local_rank', 'log_wandb',
-    'wandb_project', 'wandb_tags', 'wandb_resume_id', 'push_to_hub', 'hub_private', 'hub_revision',
-    'hub_create_pr', 'hub_replace_card', 'log_interval', 'save_images', 'workers', 'pin_mem',
-})
-
-
 class HubPublishError(RuntimeError):
     """The Hub refused or dropped the upload; nothing was published by this call (retrying is safe)."""
 
@@ -146,25 +139,10 @@ def check_repo_id(repo_id: Any) -> str:
     return repo_id
 
 
-def repo_id_type(value: str) -> str:
-    """``argparse`` type of ``--push-to-hub`` / ``--repo-id``: the checks of :func:`check_repo_id`.
-
-    Args:
-        value: the option's text.
-
-    Returns:
-        The repo id.
-    """
-    try:
-        return check_repo_id(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
-
-
 def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckpoint:
     """Read a timm training checkpoint without running any code it might carry.
 
-    Reading is :func:`timm_gsl.training.read_checkpoint`'s (``torch.load(weights_only=True)``: tensors,
+    Reading is :func:`timm_gsl.engine.read_checkpoint`'s (``torch.load(weights_only=True)``: tensors,
     plain containers and ``argparse.Namespace`` only); this adds the checks that it is a *training*
     checkpoint, one that names its model.
 
@@ -186,7 +164,7 @@ def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckp
         found = sorted(map(str, raw))[:8]
         raise ValueError(f'checkpoint {path!r} is not a timm checkpoint (found {found}): {expected}.')
     args = raw.get('args')
-    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    args = args if isinstance(args, dict) or args is None else vars(args)  # an argparse.Namespace
     if not isinstance(args, dict) or not isinstance(args.get('model'), str) or not args['model']:
         raise ValueError(f'checkpoint {path!r} records no training arguments naming the model: {expected}.')
     used_ema = bool(use_ema and isinstance(raw.get('state_dict_ema'), dict))
@@ -269,36 +247,6 @@ def _evaluation(checkpoint: TrainingCheckpoint) -> Tuple[Dict[str, float], List[
     if not final and checkpoint.metric is not None and checkpoint.args.get('eval_metric', 'top1') == 'top1':
         final = {'top1': checkpoint.metric}
     return final, rows
-
-
-def training_command(args: Dict[str, Any]) -> str:
-    """The ``train.py`` command line that sets every training option ``args`` holds away from its default.
-
-    Args:
-        args: training arguments (a checkpoint's ``args``).
-
-    Returns:
-        ``python train.py --flag value ...``, shell-quoted.
-    """
-    from .train import get_args_parser  # the parser is the source of the flags and their defaults
-    words = ['python', 'train.py']
-    for action in get_args_parser()._actions:
-        dest = action.dest
-        if not action.option_strings or dest in _NOT_TRAINING_FLAGS or dest not in args:
-            continue
-        value = args[dest]
-        if value == action.default or value is None:
-            continue
-        flag = max(action.option_strings, key=len)
-        if isinstance(action, argparse._StoreTrueAction):
-            words += [flag] if value else []
-        elif isinstance(value, dict):
-            words += [flag] + [f'{k}={v}' for k, v in value.items()]
-        elif isinstance(value, (list, tuple)):
-            words += [flag] + [str(v) for v in value]
-        else:
-            words += [flag, str(value)]
-    return ' '.join(shlex.quote(w) for w in words)
 
 
 def _data_description(args: Dict[str, Any]) -> Tuple[str, Optional[str]]:
@@ -386,6 +334,7 @@ def model_card(
         learning_curves: bool = False,
         local_dir: Optional[str] = None,
         revision: Optional[str] = None,
+        training_command: Optional[TrainingCommand] = None,
 ) -> str:
     """The ``README.md`` of a published checkpoint: Hub metadata, settings, data, evaluation, usage, citation.
 
@@ -401,6 +350,8 @@ def model_card(
         learning_curves: whether ``learning_curves.png`` is published beside the card.
         local_dir: the folder of a local export (when ``repo_id`` is None).
         revision: the branch of ``repo_id`` the files are committed to (None or ``main``: the default one).
+        training_command: renders the checkpoint's training arguments as a command line, shown in the card
+            (none shown when None).
 
     Returns:
         The card's text.
@@ -543,8 +494,10 @@ def model_card(
         f'with K other than {num_classes} timm replaces the classifier) with timm-gsl\'s `train.py`, at the '
         f'input size it was trained at and with its loss settings; choose the schedule for your data:', '',
         '```bash', ' '.join(shlex.quote(w) for w in finetune), '```', '',
-        '## Training command', '',
-        '```bash', training_command(args), '```', '',
+    ]
+    if training_command is not None:
+        lines += ['## Training command', '', '```bash', training_command(args), '```', '']
+    lines += [
         '## Citation', '',
         '```bibtex', CITATION, '```', '',
     ]
@@ -558,7 +511,8 @@ _FOREIGN_PROVENANCE = ('origin_url', 'hf_hub_id', 'hf_hub_filename', 'url', 'fil
 
 
 def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[str], license: str,
-               local_dir: Optional[str] = None, revision: Optional[str] = None) -> List[str]:
+               local_dir: Optional[str] = None, revision: Optional[str] = None,
+               training_command: Optional[TrainingCommand] = None) -> List[str]:
     """Write the published files of ``checkpoint`` into the empty ``folder``; return their names.
 
     The card and ``config.json`` name ``repo_id`` (``revision``) when given, else the local folder
@@ -598,7 +552,7 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[st
         shutil.copyfile(curves, os.path.join(folder, CURVES_FILE))
         files.append(CURVES_FILE)
     card = model_card(repo_id, checkpoint, model, config, license=license, learning_curves=CURVES_FILE in files,
-                      local_dir=local_dir, revision=revision)
+                      local_dir=local_dir, revision=revision, training_command=training_command)
     with open(os.path.join(folder, CARD_FILE), 'w', encoding='utf-8') as f:
         f.write(card)
     files.append(CARD_FILE)
@@ -627,6 +581,7 @@ def export_checkpoint(
         repo_id: Optional[str] = None,
         use_ema: bool = False,
         license: str = 'apache-2.0',
+        training_command: Optional[TrainingCommand] = None,
 ) -> List[str]:
     """Write what :func:`push_checkpoint` would publish into a local folder (``local-dir:`` loadable).
 
@@ -641,6 +596,7 @@ def export_checkpoint(
             name it. Default: the card loads the folder itself (``local-dir:<output_dir>``).
         use_ema: publish the EMA weights when the checkpoint has them.
         license: the Hub license id written in the card.
+        training_command: renders the training arguments as a command line for the card (see :func:`model_card`).
 
     Returns:
         The names of the files written.
@@ -655,7 +611,8 @@ def export_checkpoint(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output_dir)}.', dir=parent)
     try:
-        files = _export_to(tmp, loaded, repo_id, license, local_dir=None if repo_id else output_dir)
+        files = _export_to(tmp, loaded, repo_id, license, local_dir=None if repo_id else output_dir,
+                           training_command=training_command)
         # safetensors (and mkstemp, mkdtemp) create private files; give them what a plain write would.
         file_mode, folder_mode = _default_modes(tmp)
         for name in files:
@@ -692,6 +649,7 @@ def push_checkpoint(
         license: str = 'apache-2.0',
         create_pr: bool = False,
         replace_card: bool = False,
+        training_command: Optional[TrainingCommand] = None,
 ) -> str:
     """Publish a checkpoint of our ``train.py`` to the Hugging Face Hub as a plain timm model.
 
@@ -710,6 +668,7 @@ def push_checkpoint(
         license: the Hub license id written in the card.
         create_pr: open a pull request against main instead of committing (``revision`` must be unset).
         replace_card: replace an existing ``README.md`` with this checkpoint's card.
+        training_command: renders the training arguments as a command line for the card (see :func:`model_card`).
 
     Returns:
         The URL of the commit, or of the pull request with ``create_pr``.
@@ -731,7 +690,7 @@ def push_checkpoint(
     branch = revision if revision and revision != 'main' else None
     with tempfile.TemporaryDirectory(prefix='timm-gsl-push-') as folder:
         # Everything that can fail here (architecture, weights, card) fails before the Hub is contacted.
-        files = _export_to(folder, loaded, repo_id, license, revision=branch)
+        files = _export_to(folder, loaded, repo_id, license, revision=branch, training_command=training_command)
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
         kept_card = False
         try:
@@ -755,37 +714,3 @@ def push_checkpoint(
     _logger.info(f'Published {", ".join(files)} to {repo_id}'
                  f'{" as a pull request" if create_pr and commit.pr_url else ""} ({url}).')
     return url
-
-
-def publish_run(args: argparse.Namespace, output_dir: str) -> str:
-    """``train.py --push-to-hub``: publish the best checkpoint of a finished run (the last one if none is best).
-
-    Args:
-        args: the run's arguments (``push_to_hub``, ``hub_revision``, ``hub_private``, ``model_ema``, and
-            when the parser has them ``hub_create_pr`` and ``hub_replace_card``).
-        output_dir: the run's folder.
-
-    Returns:
-        The URL of the commit (of the pull request with ``hub_create_pr``).
-
-    Raises:
-        ValueError, HubPublishError: as :func:`push_checkpoint`; the message says how to retry.
-    """
-    best = os.path.join(output_dir, 'model_best.pth.tar')
-    checkpoint = best if os.path.isfile(best) else os.path.join(output_dir, 'last.pth.tar')
-    # The metrics that chose the best checkpoint were measured on the EMA weights when EMA was evaluated.
-    use_ema = bool(getattr(args, 'model_ema', False) and not getattr(args, 'model_ema_force_cpu', False))
-    create_pr = bool(getattr(args, 'hub_create_pr', False))
-    replace_card = bool(getattr(args, 'hub_replace_card', False))
-    revision = getattr(args, 'hub_revision', None)
-    private = bool(getattr(args, 'hub_private', False))
-    try:
-        return push_checkpoint(checkpoint, args.push_to_hub, revision=revision, private=private, use_ema=use_ema,
-                               create_pr=create_pr, replace_card=replace_card)
-    except (ValueError, HubPublishError) as e:
-        retry = ['python', '-m', 'timm_gsl', 'push', checkpoint, '--repo-id', args.push_to_hub]
-        retry += ['--revision', revision] if revision else []
-        retry += (['--private'] if private else []) + (['--use-ema'] if use_ema else [])
-        retry += (['--hub-create-pr'] if create_pr else []) + (['--replace-card'] if replace_card else [])
-        raise type(e)(f'{e} The run itself is saved; publish it later with: '
-                      f'{" ".join(shlex.quote(w) for w in retry)}') from e

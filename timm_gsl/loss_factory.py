@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,9 +11,14 @@ from timm.loss import create_classification_loss as timm_create_classification_l
 
 from .loss import GroupSoftmaxLoss
 
-__all__ = ['LOSS_TYPES', 'create_classification_loss']
+from .functional import LOSS_TYPES as GSL_TYPES
+
+__all__ = ['GSL_AUTO_THRESHOLD', 'GSL_TYPE_CHOICES', 'LOSS_TYPES', 'create_classification_loss', 'resolve_gsl_type']
 
 LOSS_TYPES: Tuple[str, ...] = tuple(TIMM_LOSS_TYPES) + ('gsl',)
+GSL_TYPE_CHOICES: Tuple[str, ...] = GSL_TYPES + ('auto',)
+# The paper's rule (SPEC.md): Type-II regularises best below about 500K training images, Type-I above.
+GSL_AUTO_THRESHOLD: int = 500_000
 
 # timm options that only make sense for one of timm's own losses, with their defaults (read from
 # timm's signature so that an option added by a later timm is refused for 'gsl' too, not ignored).
@@ -77,3 +82,23 @@ def create_classification_loss(
             f"defaults ({', '.join(f'{k}={_TIMM_ONLY_DEFAULTS[k]!r}' for k in sorted(unexpected))}).")
     return GroupSoftmaxLoss(
         groups=gsl_groups, loss_type=gsl_type, grouping=gsl_grouping, smoothing=0. if soft_targets else smoothing)
+
+
+def resolve_gsl_type(gsl_type: str, num_train_images: Optional[int]) -> str:
+    """The group softmax loss type to train with: 'I' or 'II', choosing for 'auto' by data size.
+
+    Args:
+        gsl_type: 'I', 'II' or 'auto'.
+        num_train_images: size of the training set (needed for 'auto').
+
+    Returns:
+        'I' or 'II'. 'auto' gives Type-II below :data:`GSL_AUTO_THRESHOLD` images, Type-I from there.
+    """
+    if gsl_type != 'auto':
+        if gsl_type not in GSL_TYPES:
+            raise ValueError(f"gsl_type must be one of {GSL_TYPE_CHOICES}, got {gsl_type!r}.")
+        return gsl_type
+    if num_train_images is None:
+        raise ValueError("--gsl-type auto needs the number of training images, which this dataset does not "
+                         "report; pass --train-num-samples N or choose --gsl-type I or II.")
+    return 'II' if num_train_images < GSL_AUTO_THRESHOLD else 'I'

@@ -9,19 +9,20 @@ The over-fitting study (``python -m experiments.overfit_study``) writes ``result
 blocks marked ``<!-- overfit:N -->`` ... ``<!-- /overfit -->`` get the body of its section ``## N. ...``,
 verbatim.
 
-    python tools/fill_results_doc.py [--table results/table.md] [--overfit-report results/overfit/report.md]
+    python -m tools.fill_results_doc [--table results/table.md] [--overfit-report results/overfit/report.md]
                                      [--doc docs/results.md]
 """
 import argparse
 import os
 import re
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from timm_gsl.engine.atomic import write_text_atomic
+
+from experiments.reproduce import PAPER_TABLE_B2  # the paper's Table B.2, as the report quotes it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-from reproduce import PAPER_TABLE_B2  # noqa: E402  (the paper's Table B.2, as the report quotes it)
 
 _MARKED = re.compile(r'(<!-- measured:(\w+) -->\n)(.*?)(<!-- /measured -->)', re.S)
 _OVERFIT = re.compile(r'(<!-- overfit:(\d+) -->\n)(.*?)(<!-- /overfit -->)', re.S)
@@ -130,10 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text, filled = fill(doc, table)
     text, overfit = fill_overfit(text, report)
     filled += [f'overfit:{n}' for n in overfit]
-    fd, tmp = tempfile.mkstemp(prefix='.results-', suffix='.md', dir=os.path.dirname(os.path.abspath(args.doc)))
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, args.doc)
+    write_text_atomic(args.doc, text)
     print(f'{args.doc}: filled {", ".join(filled) or "nothing"} from {args.table} and {args.overfit_report}')
     return 0
 

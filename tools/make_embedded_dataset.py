@@ -12,8 +12,8 @@ The output is byte-for-byte reproducible: the ``.npz`` archive is written with f
 timestamps, the JSON with sorted keys.
 
 Examples:
-    python tools/make_embedded_dataset.py                      # rebuild the shipped files
-    python tools/make_embedded_dataset.py --out /tmp/fm --train-per-class 50
+    python -m tools.make_embedded_dataset                      # rebuild the shipped files
+    python -m tools.make_embedded_dataset --out /tmp/fm --train-per-class 50
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import zipfile
 from typing import Dict, List, Tuple
 
 import numpy as np
+
+from timm_gsl.engine.atomic import atomic_path
 
 # The ten Fashion-MNIST labels, in label order (as in the dataset's own README and torchvision).
 CLASS_NAMES: List[str] = [
@@ -103,17 +104,9 @@ def _write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
 
 
 def _replace_atomically(write, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def build(source: str, out: str, train_per_class: int, val_per_class: int, seed: int) -> Dict[str, str]:

@@ -18,9 +18,9 @@ raises :class:`timm_gsl.UnsupportedModelError` / ``ValueError`` (a clear refusal
 between the ``<!-- sweep:begin -->`` / ``<!-- sweep:end -->`` markers (the rest of the file is kept).
 
 Examples:
-    python tools/sweep_architectures.py                          # every module (slow on a CPU)
-    python tools/sweep_architectures.py --modules resnet,levit,deit
-    python tools/sweep_architectures.py --max-params 30e6 --markdown docs/architecture_sweep.md
+    python -m tools.sweep_architectures                          # every module (slow on a CPU)
+    python -m tools.sweep_architectures --modules resnet,levit,deit
+    python -m tools.sweep_architectures --max-params 30e6 --markdown docs/architecture_sweep.md
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import datetime
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,10 +39,9 @@ import torch
 
 import timm
 
-# Run from a checkout without installing: make the repository root importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timm_gsl  # noqa: E402
-from timm_gsl import GroupSoftmaxLoss, UnsupportedModelError, convert_model  # noqa: E402
+import timm_gsl
+from timm_gsl import GroupSoftmaxLoss, UnsupportedModelError, convert_model
+from timm_gsl.engine.atomic import write_text_atomic
 
 # Modules registered by this project (timm_gsl.registry), which are not timm architecture families.
 OWN_MODULES = {timm_gsl.registry.__name__.rsplit('.', 1)[-1]}
@@ -293,16 +291,7 @@ def write_markdown(path: str, block: str) -> None:
         text = head + new_block + rest.split(MARK_END, 1)[1]
     else:
         text = text + ('\n' if text and not text.endswith('\n') else '') + new_block + '\n'
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.sweep-', suffix='.md')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 def main(args: argparse.Namespace) -> List[Result]:
@@ -328,7 +317,7 @@ def main(args: argparse.Namespace) -> List[Result]:
     print()
     print(line)
     if args.markdown:
-        command = 'python tools/sweep_architectures.py ' + ' '.join(sys.argv[1:])
+        command = 'python -m tools.sweep_architectures ' + ' '.join(sys.argv[1:])
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
         versions = f'timm {timm.__version__}, torch {torch.__version__}, timm-gsl {timm_gsl.__version__}'
         block = f'Command: `{command.strip()}`  \nDate: {stamp}; {versions}  \nResult: {line}\n\n{table}'

@@ -23,9 +23,9 @@ becomes one tab-separated row:
   order, as source text, joined by ``, ``.
 
 Usage:
-    python tools/update_timm_flag_refs.py ~/src/pytorch-image-models            # writes tests/data/
-    python tools/update_timm_flag_refs.py --train T.py --validate V.py --describe 'timm 1.0.31 (v1.0.31)'
-    python tools/update_timm_flag_refs.py ~/src/pytorch-image-models --check    # exit 1 if they differ
+    python -m tools.update_timm_flag_refs ~/src/pytorch-image-models            # writes tests/data/
+    python -m tools.update_timm_flag_refs --train T.py --validate V.py --describe 'timm 1.0.31 (v1.0.31)'
+    python -m tools.update_timm_flag_refs ~/src/pytorch-image-models --check    # exit 1 if they differ
 """
 from __future__ import annotations
 

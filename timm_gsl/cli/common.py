@@ -1,4 +1,4 @@
-"""Helpers shared by the ``train.py`` and ``validate.py`` command lines."""
+"""Helpers shared by the command lines: one-line errors, the parser class, cheap checks of names and files."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ import sys
 from typing import Any, NoReturn, Optional, Sequence, Set
 
 import torch
+
+from ..hub import check_repo_id
 
 _logger = logging.getLogger(__name__)
 
@@ -227,3 +229,18 @@ def close_matches(word: str, choices: Sequence[str]) -> str:
     """``'; did you mean a, b?'`` for the choices closest to ``word``, or ``''``."""
     close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
     return f'; did you mean {", ".join(close)}?' if close else ''
+
+
+def repo_id_type(value: str) -> str:
+    """``argparse`` type of ``--push-to-hub`` / ``--repo-id``: the checks of :func:`check_repo_id`.
+
+    Args:
+        value: the option's text.
+
+    Returns:
+        The repo id.
+    """
+    try:
+        return check_repo_id(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))

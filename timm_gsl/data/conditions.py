@@ -1,190 +1,20 @@
-"""Datasets: the embedded Fashion-MNIST default and the paper's data conditions for any timm dataset.
+"""The data conditions of the paper's small-data experiments, for any dataset whose labels can be read.
 
-Two things live here:
-
-* ``'embedded/fashion-mnist'``, a small balanced subset of the real Fashion-MNIST shipped inside the
-  package (500 training images per class from its training set, 100 validation images per class from
-  its test set), so training and validation run with no download at all.
-* The data conditions of the paper's small-data experiments, for any dataset whose labels can be read
-  without decoding images: ``class_subset`` keeps K classes (or the classes named in a file) and
-  relabels them 0..K-1, ``samples_per_class`` keeps N training images of every class.
-
-:func:`create_dataset` takes every argument :func:`timm.data.create_dataset` takes and adds these.
-
-Examples:
-    >>> train = create_dataset(EMBEDDED_DATASET, split='train', is_training=True,
-    ...                        class_subset=5, samples_per_class=20, seed=0)
-    >>> val = create_dataset(EMBEDDED_DATASET, split='validation', class_subset=5, seed=0)
-    >>> len(train), len(val), dataset_class_names(train) == dataset_class_names(val)
-    (100, 500, True)
+``class_subset`` keeps K classes (or the classes named in a file) and relabels them 0..K-1;
+``samples_per_class`` keeps N training images of every class. Labels are read without decoding images.
 """
 from __future__ import annotations
 
-import functools
-import io
-import json
 import numbers
 import os
-from importlib import resources
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch.utils.data
-from PIL import Image
 
-__all__ = [
-    'EMBEDDED_DATASET', 'ConditionedDataset', 'EmbeddedFashionMNIST', 'apply_data_conditions',
-    'create_dataset', 'dataset_class_names', 'dataset_targets', 'embedded_dataset_info', 'is_embedded',
-]
+from .embedded import EmbeddedFashionMNIST
 
-EMBEDDED_DATASET: str = 'embedded/fashion-mnist'
-
-_EMBEDDED_PREFIX = 'embedded/'
-_EMBEDDED_FILES = ('datasets', 'fashion_mnist')
-_EMBEDDED_ARRAYS = 'fashion_mnist_subset.npz'
-_EMBEDDED_META = 'meta.json'
-_TRAIN_SPLITS = ('train',)
-_EVAL_SPLITS = ('validation', 'val', 'test')
-_IMG_MODES = ('RGB', 'L')
-# timm.data.create_dataset arguments that only matter for other dataset types; like timm does for
-# folder datasets, the embedded dataset ignores them.
-_IGNORED_TIMM_ARGS = frozenset({
-    'search_split', 'download', 'batch_size', 'num_samples', 'repeats', 'trust_remote_code',
-    'input_key', 'target_key', 'target_format', 'max_steps',
-})
-
-
-def is_embedded(name: str) -> bool:
-    """Whether ``name`` names the dataset shipped with the package.
-
-    Args:
-        name: a dataset name as given to :func:`create_dataset` (case-insensitive).
-
-    Returns:
-        True for ``'embedded/fashion-mnist'``.
-    """
-    return isinstance(name, str) and name.strip().lower() == EMBEDDED_DATASET
-
-
-@functools.lru_cache(maxsize=1)
-def _embedded_meta() -> Dict[str, Any]:
-    path = resources.files(__package__).joinpath(*_EMBEDDED_FILES, _EMBEDDED_META)
-    return json.loads(path.read_text(encoding='utf-8'))
-
-
-@functools.lru_cache(maxsize=1)
-def _embedded_arrays() -> Dict[str, np.ndarray]:
-    path = resources.files(__package__).joinpath(*_EMBEDDED_FILES, _EMBEDDED_ARRAYS)
-    # Read through the Traversable so an installed zip/wheel works too, not only a folder on disk.
-    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    for array in arrays.values():
-        array.setflags(write=False)  # shared by every dataset instance
-    return arrays
-
-
-def embedded_dataset_info() -> Dict[str, Any]:
-    """Describe the embedded dataset without loading its images.
-
-    Returns:
-        A dict with ``name`` (``'embedded/fashion-mnist'``), ``num_classes``, ``class_names`` (in label
-        order), ``num_train``, ``num_val``, ``image_size`` (``(height, width)``), ``licence``,
-        ``train_per_class``, ``val_per_class`` and ``source`` (where the images come from).
-    """
-    meta = _embedded_meta()
-    return {
-        'name': EMBEDDED_DATASET,
-        'num_classes': len(meta['class_names']),
-        'class_names': list(meta['class_names']),
-        'num_train': meta['num_train'],
-        'num_val': meta['num_val'],
-        'image_size': tuple(meta['image_size']),
-        'licence': meta['licence'],
-        'train_per_class': meta['train_per_class'],
-        'val_per_class': meta['val_per_class'],
-        'source': 'Fashion-MNIST (Zalando Research): training split from its 60k training set, '
-                  'validation split from its 10k test set',
-    }
-
-
-class EmbeddedFashionMNIST(torch.utils.data.Dataset):
-    """The Fashion-MNIST subset shipped with the package, as PIL images and int targets.
-
-    Behaves like a timm ``ImageDataset``: ``transform`` and ``target_transform`` are plain attributes
-    that ``timm.data.create_loader`` may set, and images come out in ``input_img_mode``.
-
-    Args:
-        split: 'train', or 'validation' / 'val' / 'test' (the same held-out images).
-        transform: applied to the PIL image.
-        target_transform: applied to the int target.
-        input_img_mode: 'RGB' (3 identical channels, like any timm dataset) or 'L' (one channel).
-
-    Attributes:
-        targets: the label of every image, in dataset order.
-        classes: class names in label order.
-        class_to_idx: class name -> label.
-        source_index: index of every image in the original Fashion-MNIST file it came from.
-    """
-
-    def __init__(
-            self,
-            split: str = 'train',
-            transform: Optional[Callable] = None,
-            target_transform: Optional[Callable] = None,
-            input_img_mode: str = 'RGB',
-    ):
-        if split in _TRAIN_SPLITS:
-            key = 'train'
-        elif split in _EVAL_SPLITS:
-            key = 'val'
-        else:
-            raise ValueError(f"Unknown split '{split}' for dataset '{EMBEDDED_DATASET}', expected one of "
-                             f"{_TRAIN_SPLITS + _EVAL_SPLITS}.")
-        if input_img_mode not in _IMG_MODES:
-            raise ValueError(f"Unsupported input_img_mode '{input_img_mode}' for dataset '{EMBEDDED_DATASET}', "
-                             f"expected one of {_IMG_MODES}.")
-        arrays = _embedded_arrays()
-        self.split = key
-        self.images: np.ndarray = arrays[f'{key}_images']
-        self.targets: List[int] = arrays[f'{key}_labels'].astype(np.int64).tolist()
-        self.source_index: List[int] = arrays[f'{key}_source_index'].astype(np.int64).tolist()
-        self.classes: List[str] = list(_embedded_meta()['class_names'])
-        self.class_to_idx: Dict[str, int] = {name: i for i, name in enumerate(self.classes)}
-        self.input_img_mode = input_img_mode
-        self.transform = transform
-        self.target_transform = target_transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> Tuple[Any, Any]:
-        img = Image.fromarray(self.images[index])  # uint8 H x W -> mode 'L'
-        if self.input_img_mode != 'L':
-            img = img.convert(self.input_img_mode)
-        target = self.targets[index]
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
-
-    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        """A stable name for image ``index``: its split and index in the original Fashion-MNIST file.
-
-        Args:
-            index: dataset index.
-            basename: return only the file part.
-            absolute: accepted for timm compatibility; the images have no path on disk.
-
-        Returns:
-            e.g. ``'train/01234.png'``.
-        """
-        name = f'{self.source_index[index]:05d}.png'
-        return name if basename else f'{self.split}/{name}'
-
-    def filenames(self, basename: bool = False, absolute: bool = False) -> List[str]:
-        """:meth:`filename` of every image, in dataset order."""
-        return [self.filename(i, basename, absolute) for i in range(len(self))]
+__all__ = ['ConditionedDataset', 'apply_data_conditions', 'dataset_class_names', 'dataset_targets']
 
 
 class _Relabel:
@@ -372,7 +202,7 @@ def dataset_class_names(dataset: Any) -> Optional[List[str]]:
     return _names_from_index(getattr(dataset, 'class_to_idx', None))
 
 
-def _check_samples_per_class(samples_per_class: Any) -> None:
+def check_samples_per_class(samples_per_class: Any) -> None:
     if samples_per_class is None:
         return
     if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, numbers.Integral) \
@@ -380,12 +210,12 @@ def _check_samples_per_class(samples_per_class: Any) -> None:
         raise ValueError(f'samples_per_class={samples_per_class!r} is invalid, expected None or an integer >= 1.')
 
 
-def _check_seed(seed: Any) -> None:
+def check_seed(seed: Any) -> None:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f'seed={seed!r} is invalid, expected an integer >= 0.')
 
 
-def _parse_class_subset(class_subset: Any) -> Union[None, int, str]:
+def parse_class_subset(class_subset: Any) -> Union[None, int, str]:
     """Validate ``class_subset``: None, an int K, or a path to a class-name file (a digit string names K)."""
     if class_subset is None:
         return None
@@ -474,9 +304,9 @@ def apply_data_conditions(
         ValueError: an argument is out of range, a kept class has no images, class names are needed
             but unknown, or the labels cannot be read without decoding images.
     """
-    class_subset = _parse_class_subset(class_subset)
-    _check_samples_per_class(samples_per_class)
-    _check_seed(seed)
+    class_subset = parse_class_subset(class_subset)
+    check_samples_per_class(samples_per_class)
+    check_seed(seed)
     if class_subset is None and samples_per_class is None:
         return dataset
     targets = np.asarray(dataset_targets(dataset), dtype=np.int64)
@@ -520,70 +350,3 @@ def apply_data_conditions(
         class_names = None if names is None else [names[c] for c in classes]
     new_targets = [label_map[int(t)] if label_map else int(t) for t in targets[indices]]
     return ConditionedDataset(dataset, indices.tolist(), new_targets, label_map, class_names)
-
-
-def _create_embedded(split: str, **kwargs: Any) -> EmbeddedFashionMNIST:
-    class_map = kwargs.pop('class_map', None)
-    if class_map:
-        raise ValueError(f"class_map={class_map!r} is not supported for '{EMBEDDED_DATASET}'; use class_subset "
-                         f"with a file of class names instead.")
-    if kwargs.pop('load_bytes', False):
-        raise ValueError(f"load_bytes=True is not supported for '{EMBEDDED_DATASET}' (its images are arrays).")
-    options = {k: kwargs.pop(k) for k in ('transform', 'target_transform', 'input_img_mode') if k in kwargs}
-    if options.get('input_img_mode', 'RGB') is None:
-        options['input_img_mode'] = 'RGB'
-    unknown = sorted(k for k in kwargs if k not in _IGNORED_TIMM_ARGS)
-    if unknown:
-        raise ValueError(f"Unknown argument(s) {unknown} for dataset '{EMBEDDED_DATASET}'.")
-    return EmbeddedFashionMNIST(split, **options)
-
-
-def create_dataset(
-        name: str,
-        root: Optional[str] = None,
-        split: str = 'validation',
-        is_training: bool = False,
-        *,
-        class_subset: Optional[Union[int, str]] = None,
-        samples_per_class: Optional[int] = None,
-        seed: int = 42,
-        **timm_kwargs: Any,
-) -> torch.utils.data.Dataset:
-    """Create the embedded dataset or any timm dataset, under the paper's data conditions.
-
-    Args:
-        name: ``'embedded/fashion-mnist'`` or any name :func:`timm.data.create_dataset` accepts
-            ('' for an image folder under ``root``, 'torch/cifar10', 'hfds/...', ...).
-        root: dataset root (unused by the embedded dataset).
-        split: split name. Embedded: 'train', or 'validation' / 'val' / 'test' (the same images).
-        is_training: training mode; ``samples_per_class`` only applies when True.
-        class_subset: keep K classes drawn with ``seed`` (an int, or a string of digits), or the classes
-            named in a file (one per line); kept classes are relabelled 0..K-1 in their original order.
-        samples_per_class: keep N training images per class, drawn with ``seed`` (training only).
-        seed: seed of the class and image draws; also passed to timm (iterable datasets shuffle with it).
-        **timm_kwargs: any other argument of :func:`timm.data.create_dataset` (class_map, download,
-            batch_size, num_samples, input_img_mode, input_key, target_key, trust_remote_code, repeats,
-            transform, ...). The embedded dataset honours ``transform``, ``target_transform`` and
-            ``input_img_mode`` ('RGB' or 'L') and ignores the ones that only concern other types.
-
-    Returns:
-        A dataset with a settable ``transform`` (as ``timm.data.create_loader`` expects).
-
-    Raises:
-        ValueError: unknown embedded dataset or split, or a data condition out of range (see
-            :func:`apply_data_conditions`).
-    """
-    # Fail on bad conditions before a possibly slow dataset scan.
-    class_subset = _parse_class_subset(class_subset)
-    _check_samples_per_class(samples_per_class)
-    _check_seed(seed)
-    if is_embedded(name):
-        dataset = _create_embedded(split, **timm_kwargs)
-    elif isinstance(name, str) and name.strip().lower().startswith(_EMBEDDED_PREFIX):
-        raise ValueError(f"Unknown embedded dataset '{name}', expected '{EMBEDDED_DATASET}'.")
-    else:
-        from timm.data import create_dataset as timm_create_dataset
-        dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, seed=seed,
-                                      **timm_kwargs)
-    return apply_data_conditions(
-        dataset, class_subset=class_subset, samples_per_class=samples_per_class if is_training else None, seed=seed)

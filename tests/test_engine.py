@@ -1,9 +1,9 @@
-"""Tests of ``timm_gsl.training`` pieces that train.py's runs do not pin down on their own."""
+"""Tests of ``timm_gsl.engine`` pieces that train.py's runs do not pin down on their own (atomic files, meters, reports)."""
 import pytest
 import torch
 
 from timm_gsl.functional import GroupingStatistics
-from timm_gsl.training import GroupingMeter, format_grouping, format_summary, plot_learning_curves
+from timm_gsl.engine import GroupingMeter, format_grouping, format_summary, plot_learning_curves
 
 
 def _stats(zero, nonzero, loss):
@@ -49,3 +49,41 @@ def test_learning_curves_draw_the_clean_training_loss(tmp_path):
     path = plot_learning_curves(history, str(tmp_path / 'curves.png'), 'title', train_targets='smoothed targets')
     with open(path, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+# ---------------------------------------------------------------------------------------------- atomic files
+
+def test_atomic_writes_create_the_folder_and_replace_the_whole_file(tmp_path):
+    from timm_gsl.engine import write_bytes_atomic, write_json_atomic, write_text_atomic
+    target = tmp_path / 'new' / 'folder' / 'out.txt'
+    write_text_atomic(str(target), 'first\n')
+    write_text_atomic(str(target), 'second, ünïcode\n')
+    assert target.read_text(encoding='utf-8') == 'second, ünïcode\n'
+    write_bytes_atomic(str(tmp_path / 'b.bin'), b'\x00\x01')
+    assert (tmp_path / 'b.bin').read_bytes() == b'\x00\x01'
+    write_json_atomic(str(tmp_path / 'r.json'), {'b': 1, 'a': [1.5]})
+    assert (tmp_path / 'r.json').read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
+    assert sorted(p.name for p in target.parent.iterdir()) == ['out.txt']  # no temporary file left
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from timm_gsl.engine import atomic_path, write_text_atomic
+    target = tmp_path / 'curves.png'
+    write_text_atomic(str(target), 'old')
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as tmp:
+            with open(tmp, 'w') as f:
+                f.write('half')
+            raise RuntimeError('killed mid-write')
+    assert target.read_text() == 'old'
+    assert [p.name for p in tmp_path.iterdir()] == ['curves.png']
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+    import stat
+    from timm_gsl.engine import write_text_atomic
+    plain, atomic = tmp_path / 'plain', tmp_path / 'atomic'
+    plain.write_text('x')
+    write_text_atomic(str(atomic), 'x')
+    assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)

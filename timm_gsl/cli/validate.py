@@ -1,0 +1,804 @@
+"""Evaluate a checkpoint or a timm model: timm's ``validate.py``, with the embedded dataset as default.
+
+The command line is timm's (every flag, same name, default and meaning) plus ``--class-subset``.
+The evaluation is timm's too: the data config comes from :func:`timm.data.resolve_input_data_config`,
+the images from :func:`timm.data.create_loader` with its eval transforms, the metric from
+:func:`timm.utils.accuracy`, so on the same checkpoint and data top-1 and top-5 equal those of timm's
+own script. What this front adds:
+
+* with no data flags (``data``, ``--data-dir``, ``--dataset``) it evaluates on the validation split of
+  the dataset shipped with the package (:data:`timm_gsl.data.EMBEDDED_DATASET`);
+* ``--class-subset K|FILE`` with ``--seed`` selects and relabels classes exactly as training did;
+* a checkpoint written by our ``train.py`` keeps its training arguments under ``args``; every option
+  the user did not pass that the checkpoint records (model, number of classes, input size and
+  preprocessing, training data, class subset, seed) is taken from it, and the log says which;
+* ``--device cuda`` falls back to the CPU with a notice when CUDA is absent;
+* ``--metrics-avg`` is computed here, without scikit-learn;
+* ``--results-file`` is written to a temporary name and renamed.
+
+Examples:
+    >>> from timm_gsl.validate import main, parse_args, validate
+    >>> results = validate(parse_args(['--checkpoint', 'output/train/x/model_best.pth.tar']))
+    >>> results['top1'], results['top5']
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import glob
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+
+import torch
+import torch.nn as nn
+from timm.data import RealLabelsImagenet, create_loader, resolve_input_data_config
+from timm.layers import apply_test_time_pool, set_fast_norm
+from timm.models import create_model, is_model, list_models, load_checkpoint, resolve_model_input_args
+from timm.utils import (
+    AverageMeter,
+    accuracy,
+    check_batch_size_retry,
+    decay_batch_step,
+    natural_key,
+    random_seed,
+    reparameterize_model,
+    set_jit_fuser,
+    setup_default_logging,
+)
+
+from .. import data as gsl_data
+from ..engine import check_checkpoint_fits, read_checkpoint, write_text_atomic
+from .common import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
+from .common import check_model_name, check_pretrained_weights, exit_with_error, explicit_dests, one_line
+from .common import resolve_device
+from .flags import add_dataset_flags, add_device_flags, add_loader_flags, add_model_flags, add_naflex_flags
+from .flags import class_subset_value
+
+__all__ = [
+    'METRICS_AVERAGES',
+    'RESULTS_FORMATS',
+    'classification_metrics',
+    'check_args',
+    'checkpoint_training_args',
+    'get_args_parser',
+    'main',
+    'parse_args',
+    'validate',
+    'write_results',
+]
+
+_logger = logging.getLogger('timm_gsl.validate')
+
+RESULTS_FORMATS = ('csv', 'json')
+METRICS_AVERAGES = ('micro', 'macro', 'weighted')
+MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
+AMP_DTYPES = ('float16', 'bfloat16')
+
+# Pretrained tags that were not trained on ImageNet-1k, left out of `--model all` as timm does.
+_NOT_IN1K_FILTERS = ('*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer')
+
+# Training arguments a checkpoint may record, taken when the user passed none of them. Model and
+# preprocessing options reproduce the model and the eval transform that training used.
+_MODEL_ARGS = (
+    'model', 'num_classes', 'in_chans', 'img_size', 'input_size', 'crop_pct', 'crop_mode', 'mean', 'std',
+    'interpolation', 'gp', 'model_kwargs',
+)
+# The data conditions of the paper's experiments; samples_per_class only thins the training split,
+# it is carried along so the dataset is built with the very arguments training used.
+_CONDITION_ARGS = ('class_subset', 'samples_per_class', 'seed')
+# Where the data came from: taken only when the user passed no data flag at all.
+_DATA_SOURCE_FLAGS = ('data', 'data_dir', 'dataset')
+_DATA_ARGS = ('data_dir', 'dataset', 'class_map', 'input_img_mode', 'input_key', 'target_key')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line: timm's ``validate.py`` flags (same names, defaults and meaning) plus ``--class-subset``.
+
+    The flags shared with ``train.py`` come from :mod:`timm_gsl.cli.flags`.
+
+    Returns:
+        A new parser.
+    """
+    parser = ArgumentParser(
+        prog='validate.py',
+        description='Evaluate a timm model or checkpoint (timm-gsl). With no data flags, the embedded '
+                    f'{gsl_data.EMBEDDED_DATASET!r} validation split is used; a checkpoint of our train.py supplies '
+                    f'its model, preprocessing and data conditions for every flag not given.')
+    add_dataset_flags(parser, title='Dataset', class_subset_type=class_subset_value)
+    data = parser.add_argument_group('Dataset')
+    data.add_argument('--split', metavar='NAME', default='validation',
+                      help='dataset split to evaluate (default: validation)')
+    data.add_argument('--num-samples', default=None, type=int, metavar='N',
+                      help='number of samples in the split, for iterable datasets that cannot count them')
+    compiling = add_model_flags(parser, model_default='dpn92', batch_size_default=256, title='Model',
+                                model_aliases=('-m',))
+    compiling.add_argument('--aot-autograd', default=False, action='store_true',
+                           help='AOT autograd memory-efficient fusion (functorch)')
+    model = parser.add_argument_group('Model')
+    model.add_argument('--checkpoint', default='', type=str, metavar='PATH',
+                       help='checkpoint file to load, or a folder: every *.pth.tar and *.pth in it (default: none)')
+    model.add_argument('--use-ema', dest='use_ema', action='store_true',
+                       help='load the checkpoint\'s EMA weights when it has them')
+    model.add_argument('--use-train-size', action='store_true', default=False,
+                       help='use the train input size even when the model\'s config names a test size')
+    model.add_argument('--crop-mode', default=None, type=str, metavar='N',
+                       help='eval crop mode: squash, border or center (default: the model\'s)')
+    model.add_argument('--crop-border-pixels', type=int, default=None, help='pixels cropped from each image border')
+    model.add_argument('--test-pool', dest='test_pool', action='store_true',
+                       help='test-time pooling when the input is larger than the model\'s default')
+    model.add_argument('--reparam', default=False, action='store_true',
+                       help='reparameterise the model (fuse branches) before evaluating')
+    model.add_argument('--tf-preprocessing', action='store_true', default=False,
+                       help='TensorFlow preprocessing pipeline (needs tensorflow installed)')
+    add_device_flags(parser, title='Device')
+    parser.add_argument('--num-gpu', type=int, default=1, help='number of GPUs (DataParallel when more than 1)')
+    add_loader_flags(parser, title='Data loader')
+    add_naflex_flags(parser, training=False, title='Data loader')
+    results = parser.add_argument_group('Results')
+    results.add_argument('--log-freq', default=10, type=int, metavar='N', help='log every N batches (default: 10)')
+    results.add_argument('--results-file', default='', type=str, metavar='FILENAME',
+                         help='also write the results to this file')
+    results.add_argument('--results-format', default='csv', type=str,
+                         help=f'results file format, one of {RESULTS_FORMATS} (default: csv)')
+    results.add_argument('--real-labels', default='', type=str, metavar='FILENAME',
+                         help='ImageNet "real labels" JSON file; top-1/top-5 are then measured against it')
+    results.add_argument('--valid-labels', default='', type=str, metavar='FILENAME',
+                         help='file of class indices (one per line): evaluate on that part of the label space only')
+    results.add_argument('--retry', default=False, action='store_true', help='on failure, retry with smaller batches')
+    results.add_argument('--metrics-avg', type=str, default=None, choices=list(METRICS_AVERAGES),
+                         help='also report precision, recall and F1 with this averaging (default: None)')
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse a command line (``sys.argv[1:]`` when None).
+
+    Args:
+        argv: the arguments.
+
+    Returns:
+        The namespace :func:`validate` takes; ``passed_flags`` holds the options given explicitly, so
+        that a checkpoint's training arguments fill in only the others.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    args.passed_flags = sorted(explicit_dests(parser, argv))
+    return args
+
+
+def _passed(args: argparse.Namespace) -> Set[str]:
+    recorded = getattr(args, 'passed_flags', None)
+    if recorded is not None:
+        return set(recorded)
+    # A namespace built in code: whatever differs from the parser's defaults counts as given.
+    defaults = vars(get_args_parser().parse_args([]))
+    return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+
+
+def checkpoint_training_args(path: str) -> Dict[str, Any]:
+    """The training arguments a checkpoint records under ``args`` (a dict or an argparse namespace).
+
+    Loads with :func:`timm_gsl.engine.read_checkpoint` (``weights_only=True``, argparse namespaces allowed).
+
+    Args:
+        path: a checkpoint file.
+
+    Returns:
+        The arguments as a dict; empty for safetensors/NumPy files and checkpoints without ``args``.
+
+    Raises:
+        ValueError: the file is missing or not a readable checkpoint (see :func:`read_checkpoint`).
+    """
+    return _recorded_args(_read_checkpoint_file(path))
+
+
+_NUMPY_WEIGHTS = ('.npz', '.npy')  # JAX/NumPy weights: timm's load_checkpoint hands them to the model itself
+
+
+def _read_checkpoint_file(path: str) -> Optional[Dict[str, Any]]:
+    """``--checkpoint`` read with :func:`read_checkpoint` (safetensors included); None for NumPy weights."""
+    if os.path.splitext(path)[1].lower() in _NUMPY_WEIGHTS:
+        check_file(path, '--checkpoint', 'a checkpoint file')
+        return None
+    return read_checkpoint(path, '--checkpoint')
+
+
+def _recorded_args(checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    recorded = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if isinstance(recorded, argparse.Namespace):
+        recorded = vars(recorded)
+    return dict(recorded) if isinstance(recorded, dict) else {}
+
+
+def _take_training_args(args: argparse.Namespace, trained: Dict[str, Any], passed: Set[str]) -> None:
+    """Fill the options the user did not pass from a checkpoint's training arguments, and log them."""
+    taken = {}
+
+    def take(dest: str, value: Any) -> None:
+        if dest in passed or value is None or value == getattr(args, dest, None):
+            return
+        if dest in ('input_size', 'mean', 'std') and isinstance(value, (list, tuple)):
+            value = list(value)
+        if dest == 'class_subset':
+            value = class_subset_value(value)
+        setattr(args, dest, value)
+        taken[dest] = value
+
+    # --img-size and --input-size both set the size: when the user gave one, the recorded ones yield.
+    size_passed = bool(passed.intersection(('img_size', 'input_size')))
+    for dest in _MODEL_ARGS + _CONDITION_ARGS:
+        if not (size_passed and dest in ('img_size', 'input_size')):
+            take(dest, trained.get(dest))
+    if not passed.intersection(_DATA_SOURCE_FLAGS):
+        for dest in _DATA_ARGS:
+            value = trained.get(dest)
+            if dest == 'data_dir':
+                value = value or trained.get('data')
+            take(dest, value)
+        take('split', trained.get('val_split'))
+    if taken:
+        settings = ', '.join(f'{k}={v!r}' for k, v in taken.items())
+        _logger.info(f'Using the training arguments recorded in the checkpoint: {settings} '
+                     f'(pass the flags to override).')
+
+
+def _uses_embedded_data(args: argparse.Namespace) -> bool:
+    return not (args.data or args.data_dir or args.dataset) or gsl_data.is_embedded(args.dataset or '')
+
+
+def classification_metrics(
+        predictions: torch.Tensor,
+        targets: torch.Tensor,
+        average: str,
+) -> Dict[str, float]:
+    """Precision, recall and F1 (in %, 4 decimals) of single-label predictions.
+
+    The classes are those present in ``targets`` or ``predictions``; a precision or recall whose
+    denominator is zero counts as 0. ``micro`` pools every decision, ``macro`` is the plain mean over
+    classes (F1 is the mean of per-class F1), ``weighted`` weights each class by its number of targets.
+    These are scikit-learn's definitions (``zero_division=0``), so the keys and values are those of
+    timm's ``--metrics-avg``.
+
+    Args:
+        predictions: N predicted class indices.
+        targets: N true class indices.
+        average: 'micro', 'macro' or 'weighted'.
+
+    Returns:
+        ``{'<average>_precision', '<average>_recall', '<average>_f1_score'}``.
+    """
+    if average not in METRICS_AVERAGES:
+        raise ValueError(f"Unknown metrics average {average!r}, expected one of {METRICS_AVERAGES}.")
+    predictions = predictions.reshape(-1).long().cpu()
+    targets = targets.reshape(-1).long().cpu()
+    if predictions.shape != targets.shape:
+        raise ValueError(f'predictions and targets differ in length: {predictions.numel()} vs {targets.numel()}.')
+    if predictions.numel() == 0 or min(int(predictions.min()), int(targets.min())) < 0:
+        raise ValueError('predictions and targets must be non-empty and hold class indices >= 0.')
+    size = int(max(predictions.max(), targets.max())) + 1
+    support = torch.bincount(targets, minlength=size).double()
+    predicted = torch.bincount(predictions, minlength=size).double()
+    true_pos = torch.bincount(targets[predictions == targets], minlength=size).double()
+    present = (support + predicted) > 0  # scikit-learn's label set: classes seen in either
+    support, predicted, true_pos = support[present], predicted[present], true_pos[present]
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+    if average == 'micro':
+        tp, pred, sup = true_pos.sum(), predicted.sum(), support.sum()
+        precision, recall = ratio(tp, pred), ratio(tp, sup)
+        f1 = ratio(2 * precision * recall, precision + recall)
+    else:
+        per_precision, per_recall = ratio(true_pos, predicted), ratio(true_pos, support)
+        per_f1 = ratio(2 * per_precision * per_recall, per_precision + per_recall)
+        weights = support / support.sum() if average == 'weighted' else torch.full_like(support, 1 / len(support))
+        precision, recall, f1 = ((w * weights).sum() for w in (per_precision, per_recall, per_f1))
+    return {
+        f'{average}_precision': round(100 * float(precision), 4),
+        f'{average}_recall': round(100 * float(recall), 4),
+        f'{average}_f1_score': round(100 * float(f1), 4),
+    }
+
+
+def _check_choices(args: argparse.Namespace) -> None:
+    if args.results_format not in RESULTS_FORMATS:
+        raise ValueError(f"Unknown --results-format {args.results_format!r}, expected one of {RESULTS_FORMATS}.")
+    if args.model_dtype and args.model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"Unknown --model-dtype {args.model_dtype!r}, expected one of {MODEL_DTYPES}.")
+    if args.amp and args.amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"Unknown --amp-dtype {args.amp_dtype!r}, expected one of {AMP_DTYPES}.")
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        raise ValueError(f"--amp needs a float32 model, got --model-dtype {args.model_dtype!r}; drop one of them.")
+    for flag, value in (('-b/--batch-size', args.batch_size), ('--num-gpu', args.num_gpu),
+                        ('--log-freq', args.log_freq)):
+        check_at_least(flag, value)
+
+
+_WILDCARD = ('*', '?', '[')
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The cheap checks of a command line, run before any checkpoint, model or dataset is read.
+
+    Option values and combinations, the model name (a timm architecture with a known tag, ``hf-hub:``,
+    ``local-dir:``, a wildcard that matches, ``all`` or a file of names), and the files and folders
+    named: ``--checkpoint`` (a file, or a folder holding ``*.pth.tar``/``*.pth``), ``--class-subset
+    FILE``, ``--class-map``, ``--valid-labels``, ``--real-labels``, the data folder and where
+    ``--results-file`` goes.
+
+    Args:
+        args: options from :func:`parse_args`.
+
+    Raises:
+        ValueError: naming the flag, the value and what is expected.
+    """
+    _check_choices(args)
+    passed = _passed(args)
+    if args.checkpoint:
+        if os.path.isdir(args.checkpoint):
+            if not _bulk_checkpoints(args.checkpoint):
+                raise ValueError(f'--checkpoint {args.checkpoint!r} is a folder without any *.pth.tar or *.pth '
+                                 f'file; expected a checkpoint file, or a folder of them.')
+        else:
+            check_file(args.checkpoint, '--checkpoint',
+                       'a checkpoint written by train.py (.pth.tar), a .pth or a .safetensors file')
+    if 'model' in passed or not args.checkpoint:
+        name = args.model
+        if any(c in name for c in _WILDCARD) and not name.startswith(('hf-hub:', 'local-dir:')):
+            if not list_models(name, pretrained=True):
+                raise ValueError(f'--model {name!r}: the pattern matches no pretrained timm model '
+                                 f'(see timm.list_pretrained()).')
+        elif name != 'all' and not (os.path.isfile(name) and not is_model(name)):
+            check_model_name(name, '--model')
+            if not args.checkpoint and not name.startswith(('hf-hub:', 'local-dir:')):
+                try:
+                    check_pretrained_weights(name, '--model')
+                except ValueError:
+                    raise ValueError(f'--model {name}: without --checkpoint its pretrained weights are evaluated, '
+                                     f'but timm has none for it; pass --checkpoint FILE.') from None
+    check_class_subset(args.class_subset, '--class-subset')
+    for flag, path in (('--class-map', args.class_map), ('--valid-labels', args.valid_labels),
+                       ('--real-labels', args.real_labels)):
+        if path:
+            check_file(path, flag)
+    gsl_data.check_data_source(args.dataset, args.data or args.data_dir, (args.split,),
+                               flag='--data-dir' if args.data_dir else 'DIR', require_root=False)
+    if args.results_file:
+        folder = os.path.dirname(args.results_file) or '.'
+        if os.path.isdir(args.results_file):
+            raise ValueError(f'--results-file {args.results_file!r} is a folder; expected a file name to write.')
+        if not os.path.isdir(folder):
+            raise ValueError(f'--results-file {args.results_file!r}: no such folder {folder!r}; expected a file in '
+                             f'an existing folder.')
+        check_can_create(args.results_file, '--results-file')
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"Unknown --device {args.device!r}: expected a torch device such as 'cuda' or 'cpu' "
+                         f"({e}).") from None
+
+
+def _compile(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    if args.torchscript:
+        return torch.jit.script(model)
+    if args.torchcompile:
+        torch._dynamo.reset()
+        return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    if args.aot_autograd:
+        try:
+            from functorch.compile import memory_efficient_fusion
+        except ImportError as e:
+            raise ValueError(f'--aot-autograd needs functorch.compile, which this torch lacks ({e}).')
+        return memory_efficient_fusion(model)
+    return model
+
+
+def _create_eval_dataset(args: argparse.Namespace, input_img_mode: str):
+    timm_kwargs = dict(
+        download=args.dataset_download,
+        class_map=args.class_map,
+        num_samples=args.num_samples,
+        input_key=args.input_key,
+        input_img_mode=input_img_mode,
+        target_key=args.target_key,
+        trust_remote_code=args.dataset_trust_remote_code,
+    )
+    if args.tf_preprocessing:
+        timm_kwargs['load_bytes'] = True
+    if _uses_embedded_data(args):
+        name, root = gsl_data.EMBEDDED_DATASET, None
+    else:
+        name, root = args.dataset, args.data or args.data_dir
+    return gsl_data.create_dataset(
+        name, root=root, split=args.split, is_training=False,
+        class_subset=args.class_subset, samples_per_class=getattr(args, 'samples_per_class', None),
+        seed=args.seed, **timm_kwargs)
+
+
+def _read_valid_labels(path: str) -> List[int]:
+    with open(path, 'r') as f:
+        labels = [int(line.strip()) for line in f if line.strip()]
+    if not labels:
+        raise ValueError(f'--valid-labels {path!r} lists no class index.')
+    return labels
+
+
+def validate(args: argparse.Namespace) -> Dict[str, Any]:
+    """Evaluate one model on one dataset split, as timm's ``validate.py`` does.
+
+    Args:
+        args: options from :func:`parse_args` (or :func:`get_args_parser`); not modified.
+
+    Returns:
+        timm's result dict: ``model``, ``top1``, ``top1_err``, ``top5``, ``top5_err`` (in %, 4 decimals),
+        the ``--metrics-avg`` keys when asked, ``param_count`` (millions, 2 decimals), ``img_size``,
+        ``crop_pct`` and ``interpolation``.
+
+    Raises:
+        ValueError: an option has a value it cannot take.
+    """
+    args = copy.copy(args)
+    passed = _passed(args)
+    _check_choices(args)
+    checkpoint = None
+    if args.checkpoint:
+        # Read (without running anything in it) before the model and the data: a damaged or foreign file stops here.
+        checkpoint = _read_checkpoint_file(args.checkpoint)
+        _take_training_args(args, _recorded_args(checkpoint), passed)
+        if 'model' not in passed:
+            check_model_name(args.model, f'--checkpoint {args.checkpoint!r} records --model')
+    # Without a checkpoint the weights must come from somewhere: the model's pretrained ones.
+    args.pretrained = args.pretrained or not args.checkpoint
+    args.prefetcher = not args.no_prefetcher
+
+    device = resolve_device(args.device, 'validating')
+    if args.num_gpu > 1 and (device.type != 'cuda' or torch.cuda.device_count() < args.num_gpu):
+        available = torch.cuda.device_count() if device.type == 'cuda' else 0
+        raise ValueError(f'--num-gpu {args.num_gpu} needs that many CUDA devices; {available} available on '
+                         f'{device.type}.')
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    autocast: Callable[[], Any] = nullcontext
+    if args.amp:
+        amp_dtype = getattr(torch, args.amp_dtype)
+        autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        _logger.info(f'Validating in mixed precision ({args.amp_dtype} autocast).')
+    else:
+        _logger.info(f'Validating in {model_dtype or torch.float32}, AMP off.')
+
+    random_seed(args.seed)
+    if args.fuser:
+        set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
+
+    try:
+        model = create_model(**resolve_model_input_args(
+            args.model,
+            vars(args),
+            pretrained=args.pretrained,
+            num_classes=args.num_classes,
+            global_pool=args.gp,
+            scriptable=args.torchscript,
+            **args.model_kwargs,
+        ))
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        # An option the architecture does not take, pretrained weights that cannot be had, a bad tag.
+        weights = '' if args.checkpoint else ' (its pretrained weights, as no --checkpoint is given)'
+        raise ValueError(f'--model {args.model}{weights}: timm cannot create it ({type(e).__name__}: '
+                         f'{one_line(e)[:300]}).') from e
+    if args.num_classes is None:
+        if not hasattr(model, 'num_classes'):
+            raise ValueError(f'--num-classes is needed: model {args.model!r} has no num_classes attribute.')
+        args.num_classes = model.num_classes
+    if args.checkpoint:
+        if checkpoint is not None:
+            # Other names or shapes: one line naming the first mismatches, not load_state_dict's page of keys.
+            weights = checkpoint
+            if args.use_ema and isinstance(checkpoint.get('state_dict_ema'), dict):
+                weights = dict(state_dict=checkpoint['state_dict_ema'], arch=checkpoint.get('arch'))
+            check_checkpoint_fits(weights, model, args.model, '--checkpoint', args.checkpoint)
+        del checkpoint
+        load_checkpoint(model, args.checkpoint, args.use_ema)
+    if args.reparam:
+        model = reparameterize_model(model)
+    param_count = sum(p.numel() for p in model.parameters())
+    _logger.info(f'Model {args.model} created, param count: {param_count}')
+
+    data_config = resolve_input_data_config(model, vars(args), use_test_size=not args.use_train_size, verbose=True)
+    test_time_pool = False
+    if args.test_pool:
+        model, test_time_pool = apply_test_time_pool(model, data_config)
+
+    model = model.to(device=device, dtype=model_dtype)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = _compile(model, args)
+    if args.num_gpu > 1:
+        model = nn.DataParallel(model, device_ids=list(range(args.num_gpu)))
+    criterion = nn.CrossEntropyLoss().to(device)
+
+    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    if args.tf_preprocessing:
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            raise ValueError('--tf-preprocessing needs TensorFlow (pip install tensorflow-cpu); it is not installed.')
+    dataset = _create_eval_dataset(args, input_img_mode)
+    valid_labels = _read_valid_labels(args.valid_labels) if args.valid_labels else None
+    real_labels = None
+    if args.real_labels:
+        if not hasattr(dataset, 'filenames'):
+            raise ValueError(f'--real-labels {args.real_labels!r} needs a dataset of image files (ImageNet); '
+                             f'{type(dataset).__name__} has no file names.')
+        real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
+
+    crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
+    loader_kwargs = dict(
+        batch_size=args.batch_size,
+        use_prefetcher=args.prefetcher,
+        interpolation=data_config['interpolation'],
+        mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=args.workers,
+        crop_pct=crop_pct,
+        crop_mode=data_config['crop_mode'],
+        crop_border_pixels=args.crop_border_pixels,
+        pin_memory=args.pin_mem,
+        device=device,
+        img_dtype=model_dtype or torch.float32,
+    )
+    if args.naflex_loader:
+        from timm.data import create_naflex_loader
+        patch_size = getattr(getattr(model, 'embeds', None), 'patch_size', None)
+        loader = create_naflex_loader(
+            dataset, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len, **loader_kwargs)
+    else:
+        loader = create_loader(
+            dataset, input_size=data_config['input_size'], tf_preprocessing=args.tf_preprocessing, **loader_kwargs)
+
+    batch_time, losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
+    all_predictions, all_targets = [], []
+    model.eval()
+    with torch.inference_mode():
+        if not args.naflex_loader:
+            # One throw-away batch so that the first timed batch does not pay for lazy initialisation.
+            warmup = torch.randn((args.batch_size,) + tuple(data_config['input_size']), device=device,
+                                 dtype=model_dtype)
+            if args.channels_last:
+                warmup = warmup.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                model(warmup)
+        end = time.time()
+        for batch_idx, (input, target) in enumerate(loader):
+            if args.no_prefetcher:
+                target = target.to(device=device)
+                input = input.to(device=device, dtype=model_dtype)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                output = model(input)
+                if valid_labels is not None:
+                    output = output[:, valid_labels]
+                loss = criterion(output, target)
+            if real_labels is not None:
+                real_labels.add_result(output)
+
+            batch_size = output.shape[0]
+            acc1, acc5 = accuracy(output.detach(), target, topk=(1, min(5, output.shape[1])))
+            losses.update(loss.item(), batch_size)
+            top1.update(acc1.item(), batch_size)
+            top5.update(acc5.item(), batch_size)
+            if args.metrics_avg:
+                all_predictions.append(output.argmax(dim=1).cpu())
+                all_targets.append(target.cpu())
+
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if batch_idx % args.log_freq == 0:
+                _logger.info(
+                    f'Test: [{batch_idx:>4d}/{len(loader)}]  '
+                    f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch_size / batch_time.avg:>7.2f}/s)  '
+                    f'Loss: {losses.val:>7.4f} ({losses.avg:>6.4f})  '
+                    f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  '
+                    f'Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
+
+    if top1.count == 0:
+        raise ValueError(f'The {args.split!r} split of the dataset is empty: nothing to validate.')
+    if real_labels is not None:
+        top1a, top5a = real_labels.get_accuracy(k=1), real_labels.get_accuracy(k=5)
+    else:
+        top1a, top5a = top1.avg, top5.avg
+    metrics = {}
+    if args.metrics_avg:
+        metrics = classification_metrics(torch.cat(all_predictions), torch.cat(all_targets), args.metrics_avg)
+
+    results = OrderedDict(
+        model=args.model,
+        top1=round(top1a, 4), top1_err=round(100 - top1a, 4),
+        top5=round(top5a, 4), top5_err=round(100 - top5a, 4),
+        **metrics,
+        param_count=round(param_count / 1e6, 2),
+        img_size=data_config['input_size'][-1],
+        crop_pct=crop_pct,
+        interpolation=data_config['interpolation'],
+    )
+    summary = (f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
+               f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
+    if metrics:
+        avg = args.metrics_avg
+        summary += (f' | Precision({avg}) {metrics[f"{avg}_precision"]:.3f} | Recall({avg}) '
+                    f'{metrics[f"{avg}_recall"]:.3f} | F1-score({avg}) {metrics[f"{avg}_f1_score"]:.3f}')
+    _logger.info(summary)
+    return results
+
+
+def _validate_with_retry(args: argparse.Namespace, initial_batch_size: int) -> Dict[str, Any]:
+    """:func:`validate`, retried with smaller batches after a runtime error (out of memory, ...)."""
+    batch_size = initial_batch_size
+    error = 'Unknown'
+    while batch_size:
+        args.batch_size = batch_size * args.num_gpu  # DataParallel splits the batch over the GPUs
+        try:
+            if args.device.startswith('cuda') and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return validate(args)
+        except RuntimeError as e:
+            error = str(e)
+            _logger.error(f'"{error}" while running validation.')
+            if not check_batch_size_retry(error):
+                break
+        batch_size = decay_batch_step(batch_size)
+        _logger.warning(f'Reducing batch size to {batch_size} for retry.')
+    _logger.error(f'{args.model} failed to validate ({error}).')
+    return OrderedDict(model=args.model, error=error)
+
+
+def _bulk_checkpoints(folder: str) -> List[str]:
+    """The ``*.pth.tar`` and ``*.pth`` files of a folder, in natural order."""
+    found = glob.glob(os.path.join(folder, '*.pth.tar')) + glob.glob(os.path.join(folder, '*.pth'))
+    return sorted(found, key=natural_key)
+
+
+def _bulk_runs(args: argparse.Namespace) -> List[tuple]:
+    """``(model, checkpoint)`` pairs for bulk validation; empty for a single run (timm's rules)."""
+    if os.path.isdir(args.checkpoint):
+        return [(args.model, path) for path in _bulk_checkpoints(args.checkpoint)]
+    runs = []
+    if args.model == 'all':
+        args.pretrained = True
+        runs = [(name, '') for name in list_models(pretrained=True, exclude_filters=list(_NOT_IN1K_FILTERS))]
+    elif not is_model(args.model):
+        runs = [(name, '') for name in list_models(args.model, pretrained=True)]
+    if not runs and os.path.isfile(args.model):
+        with open(args.model) as f:
+            runs = [(line.strip(), '') for line in f if line.strip()]
+    return runs
+
+
+def write_results(
+        path: str,
+        results: Union[Dict[str, Any], List[Dict[str, Any]]],
+        format: str = 'csv',
+) -> None:
+    """Write results as CSV (one row per result) or JSON, atomically (temporary file, then rename).
+
+    Args:
+        path: the file to write.
+        results: one result dict or a list of them.
+        format: 'csv' or 'json'.
+    """
+    if format not in RESULTS_FORMATS:
+        raise ValueError(f"Unknown results format {format!r}, expected one of {RESULTS_FORMATS}.")
+    if format == 'json':
+        text = json.dumps(results, indent=4)
+    else:
+        rows = results if isinstance(results, (list, tuple)) else [results]
+        columns = list(OrderedDict((k, None) for row in rows for k in row))
+        buffer = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buffer, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        text = buffer.getvalue()
+    write_text_atomic(path, text)
+
+
+def _setup_logging() -> None:
+    # timm's setup adds a console handler on every call (bound to the stderr of that moment): add one only
+    # when nothing is configured, so that calling main() again (tests, notebooks) does not stack them.
+    if not logging.root.handlers:
+        setup_default_logging()
+    elif logging.root.level > logging.INFO or logging.root.level == logging.NOTSET:
+        logging.root.setLevel(logging.INFO)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    """Command-line entry: validate, write ``--results-file``, print ``--result`` and the JSON results.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        The result dict, or for bulk validation (a checkpoint folder, ``--model all``, a wildcard or a
+        file of model names) the list of results, best top-1 first. A refused command line (a bad value
+        or combination, a model timm does not have, a missing or unreadable file) exits with status 2 and
+        one line, ``validate.py: error: <message>``, before anything is evaluated or written.
+    """
+    _setup_logging()
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except ValueError as e:
+        exit_with_error('validate.py', e)
+
+
+def _main(args: argparse.Namespace) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    check_args(args)
+    runs = _bulk_runs(args)
+    if runs:
+        _logger.info('Running bulk validation on: ' + ', '.join(c or m for m, c in runs))
+        results = []
+        if not os.path.isdir(args.checkpoint):
+            # Runs over model names: each name is given, a checkpoint's recorded model must not replace it.
+            args.passed_flags = sorted(set(_passed(args)) | {'model'})
+        initial_batch_size = args.batch_size
+        try:
+            for model_name, checkpoint in runs:
+                run_args = copy.copy(args)
+                run_args.model, run_args.checkpoint = model_name, checkpoint
+                try:
+                    result = _validate_with_retry(run_args, initial_batch_size)
+                except Exception as e:  # one model that cannot be created or loaded must not end the sweep
+                    _logger.error(f'{checkpoint or model_name} failed to validate: {type(e).__name__}: {e}')
+                    continue
+                if 'error' in result:
+                    continue
+                if checkpoint:
+                    result['checkpoint'] = checkpoint
+                results.append(result)
+        except KeyboardInterrupt:
+            pass
+        results = sorted(results, key=lambda r: r['top1'], reverse=True)
+    elif args.retry:
+        results = _validate_with_retry(args, args.batch_size)
+    else:
+        results = validate(args)
+
+    if args.results_file:
+        write_results(args.results_file, results, format=args.results_format)
+    print(f'--result\n{json.dumps(results, indent=4)}')
+    return results
+
+
+def cli() -> None:
+    """Console-script entry point ``timm-gsl-validate`` (and ``python -m timm_gsl.validate``): run :func:`main`.
+
+    :func:`main` returns the results; a console-script wrapper passes the return value to ``sys.exit``,
+    which would print it and exit with status 1. This entry point drops it, so a finished run exits
+    with status 0 and a refused command line with status 2.
+    """
+    main()
+
+
+if __name__ == '__main__':
+    # Run the imported timm_gsl.cli.validate, not this __main__ copy of it, so that every object it defines
+    # (and anything pickled from it) belongs to one module whichever way the script was started.
+    from timm_gsl.cli.validate import cli as _cli
+    _cli()

@@ -1,0 +1,141 @@
+"""``create_dataset``: the embedded dataset or any timm dataset, under the paper's data conditions.
+
+Also the cheap checks of a dataset root that run before any dataset is scanned.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+import torch.utils.data
+
+from .conditions import apply_data_conditions, check_samples_per_class, check_seed, parse_class_subset
+from .embedded import EMBEDDED_DATASET, EMBEDDED_PREFIX, create_embedded, is_embedded
+
+__all__ = ['DOWNLOADING_PREFIXES', 'check_data_source', 'check_no_empty_class', 'create_dataset', 'reads_local_folder']
+
+# Dataset names timm resolves through a reader that fetches (or streams) its data itself; the others read
+# an image folder or tar under the dataset root, which must exist already.
+DOWNLOADING_PREFIXES = ('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')
+
+
+def create_dataset(
+        name: str,
+        root: Optional[str] = None,
+        split: str = 'validation',
+        is_training: bool = False,
+        *,
+        class_subset: Optional[Union[int, str]] = None,
+        samples_per_class: Optional[int] = None,
+        seed: int = 42,
+        **timm_kwargs: Any,
+) -> torch.utils.data.Dataset:
+    """Create the embedded dataset or any timm dataset, under the paper's data conditions.
+
+    Args:
+        name: ``'embedded/fashion-mnist'`` or any name :func:`timm.data.create_dataset` accepts
+            ('' for an image folder under ``root``, 'torch/cifar10', 'hfds/...', ...).
+        root: dataset root (unused by the embedded dataset).
+        split: split name. Embedded: 'train', or 'validation' / 'val' / 'test' (the same images).
+        is_training: training mode; ``samples_per_class`` only applies when True.
+        class_subset: keep K classes drawn with ``seed`` (an int, or a string of digits), or the classes
+            named in a file (one per line); kept classes are relabelled 0..K-1 in their original order.
+        samples_per_class: keep N training images per class, drawn with ``seed`` (training only).
+        seed: seed of the class and image draws; also passed to timm (iterable datasets shuffle with it).
+        **timm_kwargs: any other argument of :func:`timm.data.create_dataset` (class_map, download,
+            batch_size, num_samples, input_img_mode, input_key, target_key, trust_remote_code, repeats,
+            transform, ...). The embedded dataset honours ``transform``, ``target_transform`` and
+            ``input_img_mode`` ('RGB' or 'L') and ignores the ones that only concern other types.
+
+    Returns:
+        A dataset with a settable ``transform`` (as ``timm.data.create_loader`` expects).
+
+    Raises:
+        ValueError: unknown embedded dataset or split, or a data condition out of range (see
+            :func:`apply_data_conditions`).
+    """
+    # Fail on bad conditions before a possibly slow dataset scan.
+    class_subset = parse_class_subset(class_subset)
+    check_samples_per_class(samples_per_class)
+    check_seed(seed)
+    if is_embedded(name):
+        dataset = create_embedded(split, **timm_kwargs)
+    elif isinstance(name, str) and name.strip().lower().startswith(EMBEDDED_PREFIX):
+        raise ValueError(f"Unknown embedded dataset '{name}', expected '{EMBEDDED_DATASET}'.")
+    else:
+        from timm.data import create_dataset as timm_create_dataset
+        dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, seed=seed,
+                                      **timm_kwargs)
+    return apply_data_conditions(
+        dataset, class_subset=class_subset, samples_per_class=samples_per_class if is_training else None, seed=seed)
+
+
+def reads_local_folder(name: str) -> bool:
+    """Whether dataset ``name`` is read from an image folder or tar under the dataset root ('' or 'folder/...')."""
+    name = (name or '').lower()
+    return not name.startswith(DOWNLOADING_PREFIXES) and not is_embedded(name)
+
+
+def check_data_source(name: str, root: Optional[str], splits: Sequence[str], flag: str = '--data-dir',
+                      require_root: bool = True) -> None:
+    """Refuse a dataset root that does not exist, or an image folder with an empty class.
+
+    Cheap: it looks at the folder, not at the images, so it runs before any dataset is scanned.
+
+    Args:
+        name: the dataset name (``--dataset``).
+        root: the dataset root (``--data-dir`` or the positional ``DIR``), or None.
+        splits: the splits that will be read (checked for empty classes in a plain image folder).
+        flag: how the user named ``root``, for the message.
+        require_root: refuse a local-folder dataset without a root (train.py); validate.py lets timm say.
+
+    Raises:
+        ValueError: naming ``flag``, the path and what is expected.
+    """
+    if not reads_local_folder(name):
+        return
+    if not root:
+        if require_root:
+            raise ValueError(f"--dataset {name!r} reads images from a local folder or tar, but no --data-dir was "
+                             f"given; expected --data-dir PATH (or no data flag at all for the embedded set).")
+        return
+    if not os.path.exists(root):
+        under = ' and '.join(f'{s}/' for s in splits)
+        raise ValueError(f"{flag} {root!r}: no such file or folder; expected an existing image folder (one "
+                         f"sub-folder per class, optionally under {under}) or a tar file.")
+    if require_root and os.path.isdir(root) and (name or '').lower() in ('', 'folder'):
+        for split in splits:
+            check_no_empty_class(_split_folder(root, split), split)
+
+
+def _split_folder(root: str, split: str) -> str:
+    try:  # the folder timm's create_dataset reads for this split (the split name or a synonym of it)
+        from timm.data.dataset_factory import _search_split
+    except ImportError:
+        return os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
+    return _search_split(root, split)
+
+
+def check_no_empty_class(folder: str, split: str) -> None:
+    """Refuse an image folder with a class sub-folder that holds no images.
+
+    timm's folder reader derives the classes from the images it finds, so an empty class folder
+    would silently vanish and shift every later class index.
+
+    Args:
+        folder: the split's folder, whose sub-folders are the classes.
+        split: the split's name, for the message.
+
+    Raises:
+        ValueError: naming ``--data-dir``, the class folder, the split and what is expected.
+    """
+    from timm.data import get_img_extensions
+    extensions = tuple(get_img_extensions(as_set=True))
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith('.'):
+            continue
+        has_image = any(f.lower().endswith(extensions) for _, _, names in os.walk(entry.path) for f in names)
+        if not has_image:
+            raise ValueError(f"--data-dir: class folder {entry.path!r} of split {split!r} holds no images "
+                             f"(extensions {sorted(extensions)}); expected at least one image per class, or remove "
+                             f"the folder.")

@@ -1,0 +1,67 @@
+"""``AtomicCheckpointSaver``: timm's checkpoint saver, with every file appearing by rename."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+from timm import utils
+
+from .atomic import atomic_path
+
+__all__ = ['AtomicCheckpointSaver']
+
+
+class AtomicCheckpointSaver(utils.CheckpointSaver):
+    """timm's ``CheckpointSaver`` whose every file appears by rename, never by a partial write.
+
+    timm writes ``last.pth.tar`` through a temporary file but deletes the old one before the rename,
+    and hard-links the others to it, falling back to a plain copy where hard links are unavailable.
+    Here every file, timm's staging files included, is written under a hidden temporary name and
+    replaced in one rename, so a process killed at any moment leaves only complete checkpoints.
+    A recovery checkpoint also records, in its ``saver`` entry, how many updates of its epoch it holds
+    (``updates_done``), so a resumed run finishes that epoch rather than skipping its remainder.
+    """
+
+    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+        # timm writes its staging files ('tmp.pth.tar', 'recovery_tmp.pth.tar') in place; a kill
+        # during that write would leave a file that looks like a checkpoint but does not load.
+        with atomic_path(save_path) as tmp:
+            super()._save(tmp, epoch, metric)
+
+    def _replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def save_recovery(self, epoch: int, batch_idx: int = 0) -> None:
+        """Write a mid-epoch recovery checkpoint that records how many updates of ``epoch`` it holds.
+
+        Args:
+            epoch: the epoch in progress.
+            batch_idx: index of the update just made (0-based), as timm's loop passes it.
+        """
+        # Kept in the saver's bookkeeping, so --resume continues inside the epoch instead of skipping it.
+        self._updates_done = batch_idx + 1
+        try:
+            super().save_recovery(epoch, batch_idx)
+        finally:
+            self._updates_done = None
+
+    def state_dict(self, epoch: Optional[int] = None, metric: Optional[float] = None) -> Dict[str, Any]:
+        """timm's bookkeeping, plus ``updates_done`` (updates of the epoch) in a recovery checkpoint."""
+        state = super().state_dict(epoch, metric)
+        if getattr(self, '_updates_done', None) is not None:
+            state['updates_done'] = self._updates_done
+        return state
+
+    def _duplicate(self, src: str, dst: str) -> None:
+        if self.can_hardlink:
+            try:
+                # Link under a temporary name first, so dst is replaced in one step.
+                with atomic_path(dst) as tmp:
+                    os.remove(tmp)
+                    os.link(src, tmp)
+                return
+            except (OSError, NotImplementedError):
+                self.can_hardlink = False
+        with atomic_path(dst) as tmp:
+            shutil.copy2(src, tmp)

@@ -1,0 +1,390 @@
+"""One training epoch over a :class:`timm.task.TrainingTask`, with the group softmax loss's health.
+
+Plain functions over a task (a :class:`~timm_gsl.GroupSoftmaxTask` for the group softmax loss, timm's
+``ClassificationTask`` for the others), so the same loop trains with any loss and reports, beside the
+training loss, the plain softmax cross-entropy of the same batches.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Dict, List, Optional
+
+import torch
+from timm import utils
+from timm.task import TrainingTask
+
+from .atomic import atomic_path
+from .batch import prepare_input, progress_bar
+
+__all__ = ['GroupingMeter', 'NonFiniteLossError', 'TrainingState', 'batch_loss_scale', 'format_grouping', 'loss_is_finite', 'train_one_epoch']
+
+_logger = logging.getLogger(__name__)
+
+
+class TrainingState:
+    """What the loop needs besides the task: the pieces timm's ``train.py`` passes around.
+
+    Args:
+        optimizer: the optimiser over the task's trainable parameters.
+        device: where batches go.
+        lr_scheduler: a timm scheduler, stepped on every update (``step_update``).
+        amp_autocast: a callable returning the autocast context (``nullcontext`` for float32).
+        loss_scaler: timm's ``NativeScaler`` for float16 AMP, else None.
+        mixup_fn: timm's ``Mixup`` when mixing happens in the loop (no prefetcher), else None.
+        grad_accum_steps: batches per optimiser update.
+        clip_grad: gradient clipping value, None for none.
+        clip_mode: 'norm', 'value' or 'agc'.
+        channels_last: convert inputs to channels-last.
+        model_dtype: dtype the inputs are cast to (the model's), None to leave them.
+        log_interval: log every this many updates.
+        distributed: reduce the logged loss across processes.
+        world_size: number of processes.
+        variable_batch_loss_scale: 'none', 'sqrt' or 'linear' (see :func:`batch_loss_scale`).
+        base_batch_size: the batch size a loss scale of 1 refers to.
+        synchronize_step: synchronise CUDA after each update.
+        saver: checkpoint saver for recovery checkpoints, or None.
+        recovery_interval: write a recovery checkpoint every this many updates (0: never).
+        output_dir: where ``--save-images`` writes input batches, None for nowhere.
+        save_images: save the input batch at every log line.
+        progress: show a tqdm progress bar.
+    """
+
+    def __init__(
+            self,
+            optimizer: torch.optim.Optimizer,
+            device: torch.device,
+            lr_scheduler: Any = None,
+            amp_autocast: Callable[[], ContextManager] = nullcontext,
+            loss_scaler: Any = None,
+            mixup_fn: Optional[Callable] = None,
+            grad_accum_steps: int = 1,
+            clip_grad: Optional[float] = None,
+            clip_mode: str = 'norm',
+            channels_last: bool = False,
+            model_dtype: Optional[torch.dtype] = None,
+            log_interval: int = 50,
+            distributed: bool = False,
+            world_size: int = 1,
+            variable_batch_loss_scale: str = 'none',
+            base_batch_size: Optional[int] = None,
+            synchronize_step: bool = False,
+            saver: Optional[utils.CheckpointSaver] = None,
+            recovery_interval: int = 0,
+            output_dir: Optional[str] = None,
+            save_images: bool = False,
+            progress: bool = False,
+    ):
+        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}.")
+        if variable_batch_loss_scale not in ('none', 'sqrt', 'linear'):
+            raise ValueError(f"variable_batch_loss_scale must be one of ('none', 'sqrt', 'linear'), "
+                             f"got {variable_batch_loss_scale!r}.")
+        self.optimizer = optimizer
+        self.device = device
+        self.lr_scheduler = lr_scheduler
+        self.amp_autocast = amp_autocast
+        self.loss_scaler = loss_scaler
+        self.mixup_fn = mixup_fn
+        self.grad_accum_steps = grad_accum_steps
+        self.clip_grad = clip_grad
+        self.clip_mode = clip_mode
+        self.channels_last = channels_last
+        self.model_dtype = model_dtype
+        self.log_interval = max(1, log_interval)
+        self.distributed = distributed
+        self.world_size = world_size
+        self.variable_batch_loss_scale = variable_batch_loss_scale
+        self.base_batch_size = base_batch_size
+        self.synchronize_step = synchronize_step
+        self.saver = saver
+        self.recovery_interval = recovery_interval
+        self.output_dir = output_dir
+        self.save_images = save_images
+        self.progress = progress
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss came out NaN or infinite; raised on every process together, before the step."""
+
+
+def loss_is_finite(loss: torch.Tensor, distributed: bool = False) -> bool:
+    """Whether ``loss`` is finite, on this process and, when ``distributed``, on every other one.
+
+    Under DDP all processes take part in the same reduction, so they all answer alike and stop
+    together instead of leaving the others blocked in the next gradient all-reduce.
+
+    Args:
+        loss: the batch loss (any shape).
+        distributed: agree across the default process group.
+
+    Returns:
+        True when every element is finite on every process.
+    """
+    finite = torch.isfinite(loss.detach()).all().to(torch.float32)
+    if distributed:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def batch_loss_scale(batch_size: int, base_batch_size: Optional[int], mode: str) -> float:
+    """Loss multiplier for a batch whose size differs from the base size (``--variable-batch-loss-scale``).
+
+    Args:
+        batch_size: samples in this batch.
+        base_batch_size: the batch size whose loss is left as is (None: no scaling).
+        mode: 'none' (1), 'linear' (``batch_size / base``) or 'sqrt' (its square root).
+
+    Returns:
+        The factor the batch-mean loss is multiplied by.
+    """
+    if mode == 'none' or not base_batch_size:
+        return 1.0
+    ratio = batch_size / base_batch_size
+    if mode == 'linear':
+        return ratio
+    if mode == 'sqrt':
+        return math.sqrt(ratio)
+    raise ValueError(f"mode must be one of ('none', 'sqrt', 'linear'), got {mode!r}.")
+
+def _mean_lr(optimizer: torch.optim.Optimizer) -> float:
+    lrs = [group['lr'] for group in optimizer.param_groups]
+    return sum(lrs) / len(lrs)
+
+
+class GroupingMeter:
+    """Sample-weighted means of :class:`~timm_gsl.functional.GroupingStatistics` over an epoch.
+
+    :meth:`metrics` names them as the epoch's metrics: ``gsl_zero_frac``, ``gsl_nonzero_g1`` ..
+    ``gsl_nonzero_gG`` and ``gsl_loss_g1`` .. ``gsl_loss_gG`` (group 1 is the least discriminative).
+    """
+
+    def __init__(self) -> None:
+        self.sums: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def update(self, stats: Any, n: int) -> None:
+        """Add the batch means ``stats`` of a batch of ``n`` samples."""
+        row = torch.cat([stats.zero_fraction.detach().float().reshape(1),
+                         stats.nonzero_per_group.detach().float(), stats.group_loss.detach().float()])
+        row = row * n
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += n
+
+    @staticmethod
+    def names(groups: int) -> List[str]:
+        """The metric names :meth:`metrics` gives for ``groups`` groups, in order."""
+        return (['gsl_zero_frac'] + [f'gsl_nonzero_g{i + 1}' for i in range(groups)]
+                + [f'gsl_loss_g{i + 1}' for i in range(groups)])
+
+    @classmethod
+    def blank(cls, groups: int) -> 'OrderedDict[str, str]':
+        """Empty values under every name of :meth:`names`, for an epoch that measured nothing."""
+        return OrderedDict((name, '') for name in cls.names(groups))
+
+    def metrics(self, distributed: bool = False) -> 'OrderedDict[str, float]':
+        """The epoch's means (over every process when ``distributed``); empty if nothing was added."""
+        if self.sums is None:
+            return OrderedDict()
+        sums = torch.cat([self.sums, self.sums.new_tensor([float(self.count)])])
+        if distributed:
+            torch.distributed.all_reduce(sums)
+        means = (sums[:-1] / sums[-1]).tolist()
+        return OrderedDict(zip(self.names((len(means) - 1) // 2), means))
+
+
+def format_grouping(metrics: Dict[str, float]) -> Optional[str]:
+    """One log line from :meth:`GroupingMeter.metrics` (None when there are none)."""
+    if 'gsl_zero_frac' not in metrics:
+        return None
+    nonzero = [v for k, v in metrics.items() if k.startswith('gsl_nonzero_g')]
+    losses = [v for k, v in metrics.items() if k.startswith('gsl_loss_g')]
+    return (f'Grouping: {100 * metrics["gsl_zero_frac"]:.1f}% of classifier inputs are exactly zero; nonzero '
+            f'features per group (least to most discriminative) [{", ".join(f"{v:.1f}" for v in nonzero)}]; '
+            f'loss per group [{", ".join(f"{v:.3f}" for v in losses)}]')
+
+
+def train_one_epoch(
+        epoch: int,
+        task: TrainingTask,
+        loader: Any,
+        state: TrainingState,
+        softmax_loss_of: Optional[Callable[[Dict[str, torch.Tensor]], Optional[torch.Tensor]]] = None,
+        updates_done: int = 0,
+) -> 'OrderedDict[str, float]':
+    """Train the task for one epoch, the way timm's ``train.py`` does.
+
+    Gradient accumulation over ``state.grad_accum_steps`` batches (the last, shorter group counts
+    as a full update), clipping, AMP with an optional loss scaler, EMA updates, per-update
+    scheduler steps, recovery checkpoints and timm-style log lines.
+
+    Args:
+        epoch: epoch index (0-based), for the schedule and the logs.
+        task: the training task; ``task(input, target)`` returns ``loss`` and ``output``, and for
+            the group softmax loss also ``softmax_loss``.
+        loader: the training loader (timm's, with or without prefetcher).
+        state: optimiser, scheduler, AMP and the other loop settings.
+        softmax_loss_of: picks the plain softmax loss out of the task result, None where the
+            loss has no softmax counterpart; default: the result's ``softmax_loss`` if present.
+        updates_done: updates of this epoch already made before an interruption (from a recovery
+            checkpoint); their batches are passed over, so the epoch still makes its planned number
+            of updates.
+
+    Returns:
+        ``OrderedDict(loss=..., softmax_loss=..., gsl_...)``, means over the epoch's trained samples
+        (``softmax_loss`` only when known; the ``gsl_`` grouping statistics of :class:`GroupingMeter`
+        when the task result holds ``grouping_statistics``).
+
+    Raises:
+        NonFiniteLossError: a batch loss is NaN or infinite (on any process), before its backward
+            pass and optimiser step, so the weights and the checkpoints on disk stay as they were.
+    """
+    softmax_loss_of = softmax_loss_of or (lambda result: result.get('softmax_loss'))
+    optimizer = state.optimizer
+    second_order = getattr(optimizer, 'is_second_order', False)
+    update_time_m = utils.AverageMeter()
+    data_time_m = utils.AverageMeter()
+    losses_m = utils.AverageMeter()
+    softmax_losses_m = utils.AverageMeter()
+    grouping_m = GroupingMeter()
+
+    task.train()
+    num_batches = len(loader)
+    accum_steps = state.grad_accum_steps
+    last_accum_steps = num_batches % accum_steps
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    num_updates = epoch * updates_per_epoch
+    last_batch_idx = num_batches - 1
+    last_batch_idx_to_accum = num_batches - last_accum_steps
+    clip_parameters = None
+    if state.clip_grad is not None:
+        clip_parameters = list(task.get_clip_parameters(exclude_head='agc' in state.clip_mode))
+    bar = progress_bar(loader, state.progress, f'train {epoch}')
+
+    data_start_time = update_start_time = time.time()
+    optimizer.zero_grad()
+    update_sample_count = 0
+    for batch_idx, (input, target) in enumerate(loader):
+        last_batch = batch_idx == last_batch_idx
+        need_update = last_batch or (batch_idx + 1) % accum_steps == 0
+        update_idx = batch_idx // accum_steps
+        if batch_idx >= last_batch_idx_to_accum:
+            accum_steps = last_accum_steps
+        if update_idx < updates_done:
+            if need_update:
+                num_updates += 1
+            if bar is not None:
+                bar.update(1)
+            data_start_time = update_start_time = time.time()
+            continue
+        input, target = prepare_input(input, target, state.device, state.model_dtype, state.channels_last)
+        if state.mixup_fn is not None:
+            input, target = state.mixup_fn(input, target)
+        # Times are per full update, so scale a part of one up.
+        data_time_m.update(accum_steps * (time.time() - data_start_time))
+
+        sync_context = task.no_sync() if (state.distributed and not need_update) else nullcontext()
+        with sync_context:
+            with state.amp_autocast():
+                result = task(input, target)
+                loss = result['loss']
+            if not loss_is_finite(loss, state.distributed):
+                raise NonFiniteLossError(
+                    f'Non-finite training loss ({loss.detach().float().item()} on this process) at epoch {epoch}, '
+                    f'batch {batch_idx}, update {num_updates + 1} (counted from the start of training): '
+                    f'stopped before that update; the checkpoints on disk hold the last good state.')
+            scale = batch_loss_scale(input.size(0), state.base_batch_size, state.variable_batch_loss_scale)
+            if scale != 1.0:
+                loss = loss * scale
+            if accum_steps > 1:
+                loss = loss / accum_steps
+            if state.loss_scaler is not None:
+                state.loss_scaler(
+                    loss, optimizer, clip_grad=state.clip_grad, clip_mode=state.clip_mode,
+                    parameters=clip_parameters, create_graph=second_order, need_update=need_update)
+            else:
+                loss.backward(create_graph=second_order)
+                if need_update:
+                    if state.clip_grad is not None:
+                        utils.dispatch_clip_grad(clip_parameters, value=state.clip_grad, mode=state.clip_mode)
+                    optimizer.step()
+
+        batch_loss = loss.detach() * accum_steps
+        softmax_loss = softmax_loss_of(result)
+        if result.get('grouping_statistics') is not None:
+            grouping_m.update(result['grouping_statistics'], input.size(0))
+        if not state.distributed:
+            losses_m.update(batch_loss.item(), input.size(0))
+            if softmax_loss is not None:
+                softmax_losses_m.update(float(softmax_loss), input.size(0))
+        update_sample_count += input.size(0)
+        if bar is not None:
+            bar.update(1)
+
+        if not need_update:
+            data_start_time = time.time()
+            continue
+
+        num_updates += 1
+        optimizer.zero_grad()
+        task.update_ema(step=num_updates)
+
+        if state.synchronize_step and state.device.type == 'cuda':
+            torch.cuda.synchronize()
+        time_now = time.time()
+        update_time_m.update(time_now - update_start_time)
+        update_start_time = time_now
+
+        if state.distributed:
+            # Every process reduces every update, so no process waits on another's log line.
+            reduced = utils.reduce_tensor(batch_loss, state.world_size)
+            losses_m.update(reduced.item(), input.size(0))
+            if softmax_loss is not None:
+                softmax_losses_m.update(
+                    utils.reduce_tensor(softmax_loss.detach().float(), state.world_size).item(), input.size(0))
+            update_sample_count *= state.world_size
+
+        if bar is not None:
+            bar.set_postfix(loss=f'{losses_m.avg:.3f}', lr=f'{_mean_lr(optimizer):.2e}')
+        if update_idx % state.log_interval == 0 or last_batch:
+            softmax_text = f'Softmax loss: {softmax_losses_m.avg:#.3g}  ' if softmax_losses_m.count else ''
+            _logger.info(
+                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+                f'Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  {softmax_text}'
+                f'Time: {update_time_m.val:.3f}s, {update_sample_count / update_time_m.val:>7.2f}/s  '
+                f'({update_time_m.avg:.3f}s, {update_sample_count / update_time_m.avg:>7.2f}/s)  '
+                f'LR: {_mean_lr(optimizer):.3e}  '
+                f'Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})')
+            if state.save_images and state.output_dir:
+                import torchvision.utils
+                with atomic_path(os.path.join(state.output_dir, f'train-batch-{batch_idx}.jpg')) as tmp:
+                    torchvision.utils.save_image(input.float(), tmp, format='jpeg', padding=0, normalize=True)
+
+        if state.saver is not None and state.recovery_interval and (update_idx + 1) % state.recovery_interval == 0:
+            state.saver.save_recovery(epoch, batch_idx=update_idx)
+
+        if state.lr_scheduler is not None:
+            state.lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+
+        update_sample_count = 0
+        data_start_time = time.time()
+
+    if bar is not None:
+        bar.close()
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
+
+    # An epoch whose updates were all made before an interruption trained nothing here: no loss to report.
+    metrics = OrderedDict(loss=losses_m.avg if losses_m.count else float('nan'))
+    if softmax_losses_m.count:
+        metrics['softmax_loss'] = softmax_losses_m.avg
+    metrics.update(grouping_m.metrics(state.distributed))
+    line = format_grouping(metrics)
+    if line:
+        _logger.info(f'Train: {epoch}  {line}')
+    return metrics
