@@ -1,4 +1,4 @@
-"""Tests for timm_gsl/data.py: the embedded Fashion-MNIST subset and the class / sample data conditions."""
+"""Tests for timm_gsl/data/: the embedded Fashion-MNIST subset and the class / sample data conditions."""
 import gzip
 import os
 from collections import Counter

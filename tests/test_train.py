@@ -1,4 +1,4 @@
-"""Tests of train.py (timm_gsl/train.py and timm_gsl/training.py).
+"""Tests of train.py (timm_gsl/cli/train.py and its flags and checks in timm_gsl/cli/train_args.py).
 
 Runs use timm's tiny ``test_resnet`` on the embedded 28x28 Fashion-MNIST subset, a few classes and
 samples, 1-2 batches per epoch and no worker processes.
@@ -167,13 +167,16 @@ def test_variable_batch_loss_scale():
     (['--bce-loss'], '--bce-loss'),
     (['--jsd-loss', '--aug-splits', '2'], '--jsd-loss/--aug-splits'),
     (['--aug-splits', '3'], '--aug-splits'),
-    (['--kd-model-name', 'resnet18'], '--kd-model-name'),
+    (['--kd-model-name', 'resnet1000'], "--kd-model-name 'resnet1000'"),
+    (['--loss', 'ce', '--kd-distill-type', 'feature'], 'no teacher was given'),
     (['--torchscript'], '--torchscript'),
-    (['--loss', 'ce', '--kd-model-name', 'resnet18'], 'distillation is not supported'),
     (['--sync-bn', '--device', 'cpu'], '--sync-bn needs CUDA'),
     (['--amp', '--device', 'cpu'], 'bfloat16'),
-    (['--tta', '2'], '--tta 2'),
-    (['--loss', 'ce', '--naflex-loader'], '--naflex-loader'),
+    (['--tta', '3'], '--tta 3'),
+    (['--loss', 'ce', '--naflex-loader'], '--naflex-loader needs a NaFlex model'),
+    (['--naflex-max-seq-len', '100'], 'configure the NaFlex loader, which is off'),
+    (['--model', 'naflexvit_base_patch16_gap', '--naflex-loader', '-b', '8'],
+     '--naflex-loader cannot be combined with --train-batches-per-epoch'),
     (['--loss', 'ce', '--jsd-loss'], '--aug-splits >= 2'),
     (['--class-subset', '1'], 'class_subset=1'),
     (['--loss', 'ce', '--jsd-loss', '--aug-splits', '2'], '--train-batches-per-epoch'),

@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,12 +42,15 @@ from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint
 from timm.utils import NativeScaler
 
 from ..data import check_data_source, create_dataset, dataset_class_names
+from ..distillation import create_distillation_task, distillation_loss_names
 from ..engine import AtomicCheckpointSaver, GroupingMeter, NonFiniteLossError, TrainingState, evaluate
 from ..engine import check_checkpoint_fits, format_summary, plot_learning_curves, read_checkpoint, read_summary
 from ..engine import train_one_epoch, write_text_atomic
 from ..head import classifier_layers
 from ..hub import HubPublishError, push_checkpoint
 from ..loss_factory import GSL_AUTO_THRESHOLD, create_classification_loss, resolve_gsl_type
+from ..naflex import check_naflex_model, create_naflex_eval_loader, create_naflex_mixup, create_naflex_train_loader
+from ..naflex import set_naflex_epoch
 from ..task import GroupSoftmaxTask
 from .common import exit_with_error, one_line, resolve_device
 from .train_args import EMBEDDED_RECIPE, apply_embedded_recipe, check_args, format_args, get_args_parser
@@ -144,11 +147,12 @@ class Precision:
 
 @dataclass
 class Loaders:
-    """The data loaders and, when mixing happens in the loop rather than in the collate, timm's ``Mixup``."""
+    """The data loaders; timm's ``Mixup`` when mixing happens in the loop; the model's NaFlex patch size."""
     train: Any
     eval: Any
     clean_train: Optional[Any] = None
     mixup_fn: Optional[Mixup] = None
+    naflex_patch_size: Optional[Tuple[int, int]] = None
 
 
 @dataclass
@@ -209,7 +213,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     probe = argparse.Namespace(**vars(args))  # timm's set-up writes its findings into the namespace it is given
     device = utils.init_distributed_device(probe)
     settings = Settings(device=device, distributed=probe.distributed, world_size=probe.world_size, rank=probe.rank,
-                        local_rank=probe.local_rank, data_dir=args.data_dir or args.data)
+                        local_rank=probe.local_rank, dist_bn=args.dist_bn, data_dir=args.data_dir or args.data)
     if settings.distributed:
         _logger.info(f'Distributed training: process {settings.rank} of {settings.world_size}, device {device}.')
     else:
@@ -401,23 +405,40 @@ def _mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
 
 
-def build_task(args: argparse.Namespace, settings: Settings, model: nn.Module) -> TrainingTask:
-    """The training task: the group softmax loss's, or timm's classification task with one of timm's losses."""
-    loss = loss_name(args)
-    device, soft_targets = settings.device, _mixup_active(args)
+def _criterion(args: argparse.Namespace, settings: Settings) -> Any:
+    """The task loss: the group softmax loss, or one of timm's, as ``--loss`` (and ``--bce-loss``/``--jsd-loss``) say."""
+    loss, soft_targets = loss_name(args), _mixup_active(args)
     if loss == 'gsl':
         criterion = create_classification_loss(
             loss_type='gsl', smoothing=args.smoothing, soft_targets=soft_targets, gsl_groups=args.gsl_groups,
             gsl_type=settings.gsl_type, gsl_grouping=args.gsl_grouping)
-        return GroupSoftmaxTask(model, criterion=criterion.to(device), device=device, grouping_statistics=True)
-    timm_options = dict(jsd_splits=_aug_splits(args)) if loss == 'jsd' else {}
-    if loss == 'bce':
-        timm_options.update(bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
-                            pos_weight=args.bce_pos_weight)
-    criterion = create_classification_loss(
-        loss_type=loss, smoothing=args.smoothing, soft_targets=soft_targets, **timm_options)
-    if isinstance(criterion, nn.Module):
-        criterion = criterion.to(device)
+    else:
+        timm_options = dict(jsd_splits=_aug_splits(args)) if loss == 'jsd' else {}
+        if loss == 'bce':
+            timm_options.update(bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
+                                pos_weight=args.bce_pos_weight)
+        criterion = create_classification_loss(
+            loss_type=loss, smoothing=args.smoothing, soft_targets=soft_targets, **timm_options)
+    return criterion.to(settings.device) if isinstance(criterion, nn.Module) else criterion
+
+
+def build_task(args: argparse.Namespace, settings: Settings, model: nn.Module, data_config: Dict[str, Any],
+               model_dtype: Optional[torch.dtype] = None) -> TrainingTask:
+    """The training task: the group softmax loss's or timm's classification task, or, with ``--kd-model-name``,
+    timm's distillation task around either loss (:func:`timm_gsl.distillation.create_distillation_task`)."""
+    loss, device, criterion = loss_name(args), settings.device, _criterion(args, settings)
+    if args.kd_model_name:
+        return create_distillation_task(
+            model, loss=loss, criterion=criterion, teacher=args.kd_model_name, distill_type=args.kd_distill_type,
+            kd_loss_type=args.kd_loss_type, distill_loss_weight=args.distill_loss_weight,
+            task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature,
+            student_feature_dim=args.kd_student_feature_dim, teacher_feature_dim=args.kd_teacher_feature_dim,
+            token_distill_type=args.kd_token_distill_type, num_classes=settings.num_classes, in_chans=_in_chans(args),
+            teacher_pretrained_path=args.kd_pretrained_path, input_mean=data_config['mean'],
+            input_std=data_config['std'], device=device, dtype=model_dtype, grouping_statistics=loss == 'gsl',
+            verbose=settings.primary)
+    if loss == 'gsl':
+        return GroupSoftmaxTask(model, criterion=criterion, device=device, grouping_statistics=True)
     return ClassificationTask(model, criterion=criterion, device=device)
 
 
@@ -538,6 +559,34 @@ def build_loaders(args: argparse.Namespace, settings: Settings, datasets: Datase
     return Loaders(train, evaluation, clean, mixup_fn)
 
 
+def build_naflex_loaders(args: argparse.Namespace, settings: Settings, datasets: Datasets,
+                         data_config: Dict[str, Any], precision: Precision, patch_size: Tuple[int, int]) -> Loaders:
+    """timm's NaFlex loaders (``--naflex-loader``): variable sequence lengths in training, one length in evaluation."""
+    mixup = create_naflex_mixup(
+        num_classes=settings.num_classes, mixup=args.mixup, cutmix=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+        mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode,
+        smoothing=args.smoothing, mixup_off_epoch=args.mixup_off_epoch)
+    common = dict(data_config=data_config, model_patch_size=patch_size,
+                  patchify_channels_first=args.naflex_patchify_channels_first, workers=args.workers,
+                  distributed=settings.distributed, use_prefetcher=not args.no_prefetcher, pin_memory=args.pin_mem,
+                  img_dtype=precision.model_dtype, device=settings.device)
+    train = create_naflex_train_loader(
+        datasets.train, batch_size=args.batch_size, train_seq_lens=args.naflex_train_seq_lens,
+        patch_sizes=args.naflex_patch_sizes, patch_size_probs=args.naflex_patch_size_probs, mixup_fn=mixup,
+        no_aug=args.no_aug, reprob=args.reprob, remode=args.remode, recount=args.recount, resplit=args.resplit,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+        vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
+        auto_augment=args.aa, train_interpolation=args.train_interpolation, worker_seeding=args.worker_seeding,
+        rank=settings.rank, world_size=settings.world_size, seed=args.seed, **common)
+    eval_batch = args.validation_batch_size or args.batch_size
+    evaluation = create_naflex_eval_loader(datasets.eval, batch_size=eval_batch,
+                                           max_seq_len=args.naflex_max_seq_len, **common)
+    clean = None if datasets.clean_train is None else create_naflex_eval_loader(
+        datasets.clean_train, batch_size=eval_batch, max_seq_len=args.naflex_max_seq_len, **common)
+    return Loaders(train, evaluation, clean, naflex_patch_size=patch_size)
+
+
 def build_schedule(args: argparse.Namespace, config: argparse.Namespace, optimizer: torch.optim.Optimizer,
                    loader_train: Any, resume_epoch: Optional[int], updates_done: int):
     """timm's learning-rate schedule, moved to where training starts (``--start-epoch``, ``--resume``).
@@ -636,14 +685,22 @@ def build_run(args: argparse.Namespace) -> Run:
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
                      f'{sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=settings.primary)
+    # timm reads the NaFlex patch size from the model as created, before anything wraps it.
+    naflex_patch_size = check_naflex_model(
+        model, model_name=args.model, patch_sizes=args.naflex_patch_sizes,
+        patchify_channels_first=args.naflex_patchify_channels_first) if args.naflex_loader else None
     model = _adapt_batch_norm(model, args, settings)
-    task = build_task(args, settings, model)
+    precision = build_precision(args, settings)
+    task = build_task(args, settings, model, data_config, precision.model_dtype)
     resolve_learning_rate(args, settings)
     config = settings.record(args)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=config), **args.opt_kwargs)
-    precision = build_precision(args, settings)
+    # The trainable module: the model, or with feature distillation the model and its projection.
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=config), **args.opt_kwargs)
     resume_epoch = prepare_task(task, args, settings, optimizer, precision)
-    loaders = build_loaders(args, settings, datasets, data_config, precision)
+    if args.naflex_loader:
+        loaders = build_naflex_loaders(args, settings, datasets, data_config, precision, naflex_patch_size)
+    else:
+        loaders = build_loaders(args, settings, datasets, data_config, precision)
     lr_scheduler, num_epochs, start_epoch, updates_done = build_schedule(
         args, config, optimizer, loaders.train, resume_epoch, updates_done)
     return Run(args=args, settings=settings, config=config, datasets=datasets,
@@ -704,7 +761,17 @@ def _training_state(run: Run, outputs: _Outputs, progress: bool) -> TrainingStat
         distributed=settings.distributed, world_size=settings.world_size,
         variable_batch_loss_scale=args.variable_batch_loss_scale, base_batch_size=args.batch_size,
         synchronize_step=args.synchronize_step, saver=outputs.saver, recovery_interval=args.recovery_interval,
-        output_dir=outputs.output_dir, save_images=args.save_images, progress=progress)
+        output_dir=outputs.output_dir, save_images=args.save_images, progress=progress,
+        naflex_loss_scale=args.naflex_loss_scale if args.naflex_loader else None,
+        loss_parts=distillation_loss_names(args.kd_distill_type) if args.kd_model_name else ())
+
+
+def _tta_options(run: Run) -> Dict[str, Any]:
+    """How the test-time views are made: for NaFlex batches, the patch layout to mirror."""
+    if run.loaders.naflex_patch_size is None:
+        return {}
+    return dict(patch_size=run.loaders.naflex_patch_size, channels=_in_chans(run.args),
+                channels_last=not run.args.naflex_patchify_channels_first)
 
 
 def _softmax_loss_picker(args: argparse.Namespace) -> Callable[[Dict[str, Any]], Optional[torch.Tensor]]:
@@ -725,6 +792,7 @@ def _start_epoch(run: Run, epoch: int) -> None:
                           getattr(loader, 'sampler', None) if run.settings.distributed else None):
         if hasattr(sampler_owner, 'set_epoch'):
             sampler_owner.set_epoch(epoch)
+    set_naflex_epoch(loader, epoch)  # NaFlex: reshuffles its batches, and mixing stops at --mixup-off-epoch
     if run.args.mixup_off_epoch and epoch >= run.args.mixup_off_epoch:
         if run.loaders.mixup_fn is not None:
             run.loaders.mixup_fn.mixup_enabled = False
@@ -806,7 +874,8 @@ def train(run: Run) -> Dict[str, Any]:
     state = _training_state(run, outputs, progress)
     eval_options = dict(device=run.device, amp_autocast=run.precision.amp_autocast, channels_last=args.channels_last,
                         model_dtype=run.precision.model_dtype, distributed=run.settings.distributed,
-                        log_interval=args.log_interval, progress=progress)
+                        log_interval=args.log_interval, progress=progress, tta=args.tta,
+                        tta_options=_tta_options(run))
     softmax_loss_of = _softmax_loss_picker(args)
     best_metric = best_epoch = None
     eval_metrics: Dict[str, float] = {}

@@ -29,9 +29,12 @@ from timm.optim import get_optimizer_info, list_optimizers
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..data import EMBEDDED_DATASET
+from ..distillation import check_distillation_options
+from ..engine.tta import check_tta
 from ..functional import GROUPINGS
 from ..hub import check_publish_options
 from ..loss_factory import GSL_TYPE_CHOICES
+from ..naflex import check_naflex_options
 from .common import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
 from .common import check_model_name, check_pretrained_weights, close_matches, exit_with_error, explicit_dests
 from .common import one_line, repo_id_type
@@ -307,7 +310,8 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='metric that picks the best checkpoint (default: "top1")')
     group.add_argument('--tta', type=int, default=0, metavar='N',
-                       help='test-time augmentation factor; an evaluation option, refused here (default: 0)')
+                       help='test-time augmentation at every evaluation: average the logits of each image and its '
+                            'horizontal mirror (2); 0 or 1: off (default: 0)')
     group.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
                        help='keep data-loader workers alive across epochs')
     group.add_argument('--log-wandb', action='store_true', default=False,
@@ -334,7 +338,12 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
 
     # Knowledge distillation: on the parser itself, as in timm.
     parser.add_argument('--kd-model-name', default=None, type=str,
-                        help='teacher model for knowledge distillation (not with --loss gsl)')
+                        help='teacher for knowledge distillation: a timm model name with pretrained weights, '
+                             'local-dir:FOLDER (e.g. a model exported by `python -m timm_gsl export`) or hf-hub:ORG/NAME; '
+                             'works with every --loss (with gsl the group softmax loss is the task loss)')
+    parser.add_argument('--kd-pretrained-path', default=None, type=str, metavar='PATH',
+                        help='teacher weights from this file (a checkpoint or .safetensors) for --kd-model-name ARCH '
+                             '(ours; not a timm flag)')
     parser.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'],
                         help='distillation type (default: logit)')
     parser.add_argument('--kd-loss-type', default='kl', type=str, help='distillation loss (default: kl)')
@@ -516,7 +525,8 @@ def check_args(args: argparse.Namespace) -> None:
     parser = get_args_parser()
     _check_loss_flags(args, parser)
     _check_augmentation_flags(args)
-    _check_unsupported_flags(args, parser)
+    _check_distillation_flags(args, parser)
+    _check_naflex_flags(args, parser)
     _check_device_flags(args)
     _check_values(args)
     _check_names_and_files(args)
@@ -528,15 +538,12 @@ def _distillation_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 def _check_loss_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The loss flags agree with each other (--loss, --gsl-*, --bce-*, --jsd-loss, distillation)."""
-    kd = _distillation_flags(args, parser)
     if args.loss == 'gsl':
         incompatible = []
         if args.bce_loss:
             incompatible.append('--bce-loss (a sigmoid loss replaces the softmax the group loss is built on)')
         if args.jsd_loss or args.aug_splits:
             incompatible.append('--jsd-loss/--aug-splits (the JSD loss is its own criterion over augmentation splits)')
-        if kd:
-            incompatible.append(f'{"/".join(kd)} (distillation replaces the training task)')
         if args.torchscript:
             incompatible.append('--torchscript (a scripted model cannot hand its classifier input to the loss)')
         if incompatible:
@@ -578,19 +585,46 @@ def _check_augmentation_flags(args: argparse.Namespace) -> None:
         raise ValueError('--split-bn needs --aug-splits >= 2 or --resplit.')
 
 
-def _check_unsupported_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """timm flags this train.py does not honour yet: refused by name rather than ignored."""
-    kd = _distillation_flags(args, parser)
-    if kd:
-        raise ValueError(f'{"/".join(kd)}: knowledge distillation is not supported by this train.py; '
-                         f'use timm\'s own train.py for distillation.')
-    naflex = _non_default(args, parser, 'naflex_')
-    if naflex:
-        raise ValueError(f'{"/".join(naflex)}: the NaFlex loader (NaFlexViT models only) is not supported by '
-                         f'this train.py; use timm\'s own train.py for NaFlex training.')
-    if args.tta:
-        raise ValueError(f'--tta {args.tta}: test-time augmentation is an evaluation option and does nothing '
-                         f'during training; expected 0 (evaluate with TTA through validate.py).')
+def _check_distillation_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Distillation flags need a teacher; with one, the options are checked without building it."""
+    kd = [f for f in _distillation_flags(args, parser) if f != '--kd-model-name']
+    if args.kd_model_name is None:
+        if kd:
+            raise ValueError(f'{"/".join(kd)} configure knowledge distillation, but no teacher was given; pass '
+                             f'--kd-model-name NAME or drop them.')
+        return
+    check_distillation_options(
+        loss=loss_name(args), teacher=args.kd_model_name, distill_type=args.kd_distill_type,
+        kd_loss_type=args.kd_loss_type, distill_loss_weight=args.distill_loss_weight,
+        task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature,
+        student_feature_dim=args.kd_student_feature_dim, teacher_feature_dim=args.kd_teacher_feature_dim,
+        token_distill_type=args.kd_token_distill_type, teacher_pretrained_path=args.kd_pretrained_path,
+        num_classes=args.num_classes)
+
+
+def _check_naflex_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """NaFlex flags need --naflex-loader and a NaFlex model; --tta takes what the evaluation can make."""
+    check_tta(args.tta)
+    naflex = [f for f in _non_default(args, parser, 'naflex_') if f != '--naflex-loader']
+    if not args.naflex_loader:
+        if naflex:
+            raise ValueError(f'{"/".join(naflex)} configure the NaFlex loader, which is off; pass --naflex-loader '
+                             f'(with a NaFlexViT model) or drop them.')
+        return
+    check_naflex_options(
+        naflex_loader=True, model_name=args.model, model_kwargs=args.model_kwargs, batch_size=args.batch_size,
+        train_seq_lens=args.naflex_train_seq_lens, max_seq_len=args.naflex_max_seq_len,
+        patch_sizes=args.naflex_patch_sizes, patch_size_probs=args.naflex_patch_size_probs,
+        loss_scale=args.naflex_loss_scale, aug_splits=args.aug_splits, aug_repeats=args.aug_repeats,
+        cutmix_minmax=args.cutmix_minmax, mixup_mode=args.mixup_mode)
+    clashing = [flag for flag, on in (('--train-img-sizes', args.train_img_sizes),
+                                      ('--train-batches-per-epoch', args.train_batches_per_epoch),
+                                      ('--variable-batch-loss-scale', args.variable_batch_loss_scale != 'none'))
+                if on]
+    if clashing:
+        raise ValueError(f'--naflex-loader cannot be combined with {"/".join(clashing)}: the NaFlex loader sets the '
+                         f'image sizes, batch sizes and loss scale itself (--naflex-train-seq-lens, '
+                         f'--naflex-loss-scale).')
 
 
 def _check_device_flags(args: argparse.Namespace) -> None:

@@ -57,6 +57,7 @@ from timm.utils import (
 
 from .. import data as gsl_data
 from ..engine import check_checkpoint_fits, read_checkpoint, write_text_atomic
+from ..naflex import is_naflex_batch, prepare_naflex_input
 from .common import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
 from .common import check_model_name, check_pretrained_weights, exit_with_error, explicit_dests, one_line
 from .common import resolve_device
@@ -587,10 +588,12 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
                 model(warmup)
         end = time.time()
         for batch_idx, (input, target) in enumerate(loader):
-            if args.no_prefetcher:
+            if is_naflex_batch(input):  # a dict of patches: moved (and cast) key by key
+                input, target = prepare_naflex_input(input, target, device, model_dtype)
+            elif args.no_prefetcher:
                 target = target.to(device=device)
                 input = input.to(device=device, dtype=model_dtype)
-            if args.channels_last:
+            if args.channels_last and not is_naflex_batch(input):
                 input = input.contiguous(memory_format=torch.channels_last)
             with autocast():
                 output = model(input)

@@ -5,14 +5,16 @@ import logging
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Dict, Optional
 
 import torch
 import torch.nn as nn
 from timm import utils
 from timm.task import TrainingTask, evaluation_sample_limit
 
+from ..naflex import is_naflex_batch, prepare_naflex_input
 from .batch import prepare_input, progress_bar
+from .tta import tta_forward
 
 __all__ = ['evaluate']
 
@@ -32,6 +34,8 @@ def evaluate(
         log_interval: int = 50,
         log_suffix: str = '',
         progress: bool = False,
+        tta: int = 0,
+        tta_options: Optional[Dict[str, Any]] = None,
 ) -> 'OrderedDict[str, float]':
     """Evaluate ``model`` with the task's evaluator: cross-entropy loss, top-1 and top-5 in percent.
 
@@ -47,6 +51,10 @@ def evaluate(
         log_interval: log every this many batches.
         log_suffix: appended to the log prefix, e.g. ' (EMA)'.
         progress: show a tqdm progress bar.
+        tta: ``--tta N``: average the logits over N views of each sample (the sample and its mirror,
+            :func:`timm_gsl.engine.tta.tta_forward`); 0 or 1: off.
+        tta_options: keyword arguments of :func:`timm_gsl.engine.tta.tta_views` (the patch layout of NaFlex
+            batches).
 
     Returns:
         ``OrderedDict(loss=..., top1=..., top5=...)``.
@@ -58,11 +66,12 @@ def evaluate(
     end = time.time()
     last_idx = len(loader) - 1
     for batch_idx, (input, target) in enumerate(loader):
-        input, target = prepare_input(input, target, device, model_dtype, channels_last)
+        if is_naflex_batch(input):
+            input, target = prepare_naflex_input(input, target, device, model_dtype)
+        else:
+            input, target = prepare_input(input, target, device, model_dtype, channels_last)
         with amp_autocast():
-            output = model(input)
-        if isinstance(output, (tuple, list)):
-            output = output[0]
+            output = tta_forward(model, input, tta, **(tta_options or {}))
         evaluator.update(output, target)
         batch_time_m.update(time.time() - end)
         end = time.time()

@@ -12,13 +12,14 @@ import os
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 from timm import utils
 from timm.task import TrainingTask
 
 from .atomic import atomic_path
+from ..naflex import batch_size_of, is_naflex_batch, naflex_distributed_scale, naflex_loss_scale, prepare_naflex_input
 from .batch import prepare_input, progress_bar
 
 __all__ = ['GroupingMeter', 'NonFiniteLossError', 'TrainingState', 'batch_loss_scale', 'format_grouping', 'loss_is_finite', 'train_one_epoch']
@@ -52,6 +53,10 @@ class TrainingState:
         output_dir: where ``--save-images`` writes input batches, None for nowhere.
         save_images: save the input batch at every log line.
         progress: show a tqdm progress bar.
+        naflex_loss_scale: for NaFlex batches (dicts of patches), timm's ``--naflex-loss-scale`` ('none', 'sqrt',
+            'linear'), which replaces ``variable_batch_loss_scale`` for them; None: not a NaFlex run.
+        loss_parts: keys of the task result that are parts of the loss (distillation's ``task_loss`` and
+            ``kd_loss``), averaged over the epoch and logged beside the loss.
     """
 
     def __init__(
@@ -78,6 +83,8 @@ class TrainingState:
             output_dir: Optional[str] = None,
             save_images: bool = False,
             progress: bool = False,
+            naflex_loss_scale: Optional[str] = None,
+            loss_parts: Sequence[str] = (),
     ):
         if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}.")
@@ -106,6 +113,8 @@ class TrainingState:
         self.output_dir = output_dir
         self.save_images = save_images
         self.progress = progress
+        self.naflex_loss_scale = naflex_loss_scale
+        self.loss_parts = tuple(loss_parts)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -208,6 +217,143 @@ def format_grouping(metrics: Dict[str, float]) -> Optional[str]:
             f'loss per group [{", ".join(f"{v:.3f}" for v in losses)}]')
 
 
+class _EpochMeters:
+    """The running means an epoch logs and returns."""
+
+    def __init__(self, loss_parts: Sequence[str]):
+        self.update_time = utils.AverageMeter()
+        self.data_time = utils.AverageMeter()
+        self.loss = utils.AverageMeter()
+        self.softmax_loss = utils.AverageMeter()
+        self.parts = OrderedDict((name, utils.AverageMeter()) for name in loss_parts)
+        self.grouping = GroupingMeter()
+
+    def metrics(self, distributed: bool) -> 'OrderedDict[str, float]':
+        # An epoch whose updates were all made before an interruption trained nothing here: no loss to report.
+        metrics = OrderedDict(loss=self.loss.avg if self.loss.count else float('nan'))
+        if self.softmax_loss.count:
+            metrics['softmax_loss'] = self.softmax_loss.avg
+        metrics.update((name, meter.avg) for name, meter in self.parts.items() if meter.count)
+        metrics.update(self.grouping.metrics(distributed))
+        return metrics
+
+
+class _Batch:
+    """Where a batch stands in the epoch's gradient accumulation."""
+
+    def __init__(self, batch_idx: int, num_batches: int, accum_steps: int):
+        last_accum = num_batches % accum_steps
+        self.index = batch_idx
+        self.last = batch_idx == num_batches - 1
+        self.need_update = self.last or (batch_idx + 1) % accum_steps == 0
+        self.update_idx = batch_idx // accum_steps
+        # The last, shorter group of batches counts as a full update.
+        self.accum_steps = last_accum if batch_idx >= num_batches - last_accum else accum_steps
+
+
+def _prepare_batch(input: Any, target: torch.Tensor, state: TrainingState):
+    """Device, dtype and memory layout of a batch; in-loop mixing. NaFlex batches (dicts) are mixed by their loader."""
+    if is_naflex_batch(input):
+        return prepare_naflex_input(input, target, state.device, state.model_dtype)
+    input, target = prepare_input(input, target, state.device, state.model_dtype, state.channels_last)
+    if state.mixup_fn is not None:
+        input, target = state.mixup_fn(input, target)
+    return input, target
+
+
+def _loss_scale(input: Any, state: TrainingState) -> float:
+    """The factor a batch's loss is multiplied by: NaFlex's scaling for dict batches, else timm's variable one."""
+    n = batch_size_of(input)
+    if state.naflex_loss_scale is not None and is_naflex_batch(input):
+        scale = naflex_loss_scale(n, state.base_batch_size or n, state.naflex_loss_scale)
+        if state.distributed:  # a collective: every process calls it on every batch
+            factor, _ = naflex_distributed_scale(n, state.world_size, state.device)
+            scale *= factor
+        return scale
+    return batch_loss_scale(n, state.base_batch_size, state.variable_batch_loss_scale)
+
+
+def _forward_backward(task: TrainingTask, input: Any, target: torch.Tensor, state: TrainingState, batch: _Batch,
+                      clip_parameters: Optional[List[torch.nn.Parameter]], where: str) -> Dict[str, Any]:
+    """One batch's forward pass, finite check, scaled backward pass and (on an update) optimiser step."""
+    optimizer = state.optimizer
+    second_order = getattr(optimizer, 'is_second_order', False)
+    sync_context = task.no_sync() if (state.distributed and not batch.need_update) else nullcontext()
+    with sync_context:
+        with state.amp_autocast():
+            result = task(input, target)
+            loss = result['loss']
+        if not loss_is_finite(loss, state.distributed):
+            raise NonFiniteLossError(
+                f'Non-finite training loss ({loss.detach().float().item()} on this process) at {where}: '
+                f'stopped before that update; the checkpoints on disk hold the last good state.')
+        scale = _loss_scale(input, state)
+        if scale != 1.0:
+            loss = loss * scale
+        if batch.accum_steps > 1:
+            loss = loss / batch.accum_steps
+        if state.loss_scaler is not None:
+            state.loss_scaler(
+                loss, optimizer, clip_grad=state.clip_grad, clip_mode=state.clip_mode,
+                parameters=clip_parameters, create_graph=second_order, need_update=batch.need_update)
+        else:
+            loss.backward(create_graph=second_order)
+            if batch.need_update:
+                if state.clip_grad is not None:
+                    utils.dispatch_clip_grad(clip_parameters, value=state.clip_grad, mode=state.clip_mode)
+                optimizer.step()
+    result['batch_loss'] = loss.detach() * batch.accum_steps
+    return result
+
+
+def _measure_batch(meters: _EpochMeters, result: Dict[str, Any], softmax_loss: Optional[torch.Tensor], n: int,
+                   state: TrainingState) -> None:
+    """Add a batch to the epoch's means (distributed runs add their reduced values once per update instead)."""
+    if result.get('grouping_statistics') is not None:
+        meters.grouping.update(result['grouping_statistics'], n)
+    if state.distributed:
+        return
+    meters.loss.update(result['batch_loss'].item(), n)
+    if softmax_loss is not None:
+        meters.softmax_loss.update(float(softmax_loss), n)
+    for name, meter in meters.parts.items():
+        if result.get(name) is not None:
+            meter.update(float(result[name].detach()), n)
+
+
+def _reduce_update(meters: _EpochMeters, result: Dict[str, Any], softmax_loss: Optional[torch.Tensor], n: int,
+                   state: TrainingState) -> None:
+    """Distributed: every process reduces every update, so no process waits on another's log line."""
+    meters.loss.update(utils.reduce_tensor(result['batch_loss'], state.world_size).item(), n)
+    if softmax_loss is not None:
+        meters.softmax_loss.update(utils.reduce_tensor(softmax_loss.detach().float(), state.world_size).item(), n)
+    for name, meter in meters.parts.items():
+        if result.get(name) is not None:
+            meter.update(utils.reduce_tensor(result[name].detach().float(), state.world_size).item(), n)
+
+
+def _log_update(epoch: int, batch: _Batch, updates_per_epoch: int, meters: _EpochMeters, samples: int,
+                optimizer: torch.optim.Optimizer) -> None:
+    softmax_text = f'Softmax loss: {meters.softmax_loss.avg:#.3g}  ' if meters.softmax_loss.count else ''
+    parts_text = ''.join(f'{name}: {meter.avg:#.3g}  ' for name, meter in meters.parts.items() if meter.count)
+    _logger.info(
+        f'Train: {epoch} [{batch.update_idx:>4d}/{updates_per_epoch} '
+        f'({100. * (batch.update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+        f'Loss: {meters.loss.val:#.3g} ({meters.loss.avg:#.3g})  {softmax_text}{parts_text}'
+        f'Time: {meters.update_time.val:.3f}s, {samples / meters.update_time.val:>7.2f}/s  '
+        f'({meters.update_time.avg:.3f}s, {samples / meters.update_time.avg:>7.2f}/s)  '
+        f'LR: {_mean_lr(optimizer):.3e}  '
+        f'Data: {meters.data_time.val:.3f} ({meters.data_time.avg:.3f})')
+
+
+def _save_images(input: Any, state: TrainingState, batch_idx: int) -> None:
+    if not state.save_images or not state.output_dir or is_naflex_batch(input):
+        return
+    import torchvision.utils
+    with atomic_path(os.path.join(state.output_dir, f'train-batch-{batch_idx}.jpg')) as tmp:
+        torchvision.utils.save_image(input.float(), tmp, format='jpeg', padding=0, normalize=True)
+
+
 def train_one_epoch(
         epoch: int,
         task: TrainingTask,
@@ -220,7 +366,8 @@ def train_one_epoch(
 
     Gradient accumulation over ``state.grad_accum_steps`` batches (the last, shorter group counts
     as a full update), clipping, AMP with an optional loss scaler, EMA updates, per-update
-    scheduler steps, recovery checkpoints and timm-style log lines.
+    scheduler steps, recovery checkpoints and timm-style log lines. Batches are image tensors or
+    NaFlex dicts of patches (``--naflex-loader``).
 
     Args:
         epoch: epoch index (0-based), for the schedule and the logs.
@@ -235,9 +382,9 @@ def train_one_epoch(
             of updates.
 
     Returns:
-        ``OrderedDict(loss=..., softmax_loss=..., gsl_...)``, means over the epoch's trained samples
-        (``softmax_loss`` only when known; the ``gsl_`` grouping statistics of :class:`GroupingMeter`
-        when the task result holds ``grouping_statistics``).
+        ``OrderedDict(loss=..., softmax_loss=..., <loss parts>..., gsl_...)``, means over the epoch's trained
+        samples (``softmax_loss`` only when known; ``state.loss_parts`` when the result holds them; the ``gsl_``
+        grouping statistics of :class:`GroupingMeter` when the task result holds ``grouping_statistics``).
 
     Raises:
         NonFiniteLossError: a batch loss is NaN or infinite (on any process), before its backward
@@ -245,21 +392,11 @@ def train_one_epoch(
     """
     softmax_loss_of = softmax_loss_of or (lambda result: result.get('softmax_loss'))
     optimizer = state.optimizer
-    second_order = getattr(optimizer, 'is_second_order', False)
-    update_time_m = utils.AverageMeter()
-    data_time_m = utils.AverageMeter()
-    losses_m = utils.AverageMeter()
-    softmax_losses_m = utils.AverageMeter()
-    grouping_m = GroupingMeter()
-
+    meters = _EpochMeters(state.loss_parts)
     task.train()
     num_batches = len(loader)
-    accum_steps = state.grad_accum_steps
-    last_accum_steps = num_batches % accum_steps
-    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    updates_per_epoch = (num_batches + state.grad_accum_steps - 1) // state.grad_accum_steps
     num_updates = epoch * updates_per_epoch
-    last_batch_idx = num_batches - 1
-    last_batch_idx_to_accum = num_batches - last_accum_steps
     clip_parameters = None
     if state.clip_grad is not None:
         clip_parameters = list(task.get_clip_parameters(exclude_head='agc' in state.clip_mode))
@@ -269,108 +406,48 @@ def train_one_epoch(
     optimizer.zero_grad()
     update_sample_count = 0
     for batch_idx, (input, target) in enumerate(loader):
-        last_batch = batch_idx == last_batch_idx
-        need_update = last_batch or (batch_idx + 1) % accum_steps == 0
-        update_idx = batch_idx // accum_steps
-        if batch_idx >= last_batch_idx_to_accum:
-            accum_steps = last_accum_steps
-        if update_idx < updates_done:
-            if need_update:
-                num_updates += 1
+        batch = _Batch(batch_idx, num_batches, state.grad_accum_steps)
+        if batch.update_idx < updates_done:
+            num_updates += batch.need_update
             if bar is not None:
                 bar.update(1)
             data_start_time = update_start_time = time.time()
             continue
-        input, target = prepare_input(input, target, state.device, state.model_dtype, state.channels_last)
-        if state.mixup_fn is not None:
-            input, target = state.mixup_fn(input, target)
+        input, target = _prepare_batch(input, target, state)
         # Times are per full update, so scale a part of one up.
-        data_time_m.update(accum_steps * (time.time() - data_start_time))
-
-        sync_context = task.no_sync() if (state.distributed and not need_update) else nullcontext()
-        with sync_context:
-            with state.amp_autocast():
-                result = task(input, target)
-                loss = result['loss']
-            if not loss_is_finite(loss, state.distributed):
-                raise NonFiniteLossError(
-                    f'Non-finite training loss ({loss.detach().float().item()} on this process) at epoch {epoch}, '
-                    f'batch {batch_idx}, update {num_updates + 1} (counted from the start of training): '
-                    f'stopped before that update; the checkpoints on disk hold the last good state.')
-            scale = batch_loss_scale(input.size(0), state.base_batch_size, state.variable_batch_loss_scale)
-            if scale != 1.0:
-                loss = loss * scale
-            if accum_steps > 1:
-                loss = loss / accum_steps
-            if state.loss_scaler is not None:
-                state.loss_scaler(
-                    loss, optimizer, clip_grad=state.clip_grad, clip_mode=state.clip_mode,
-                    parameters=clip_parameters, create_graph=second_order, need_update=need_update)
-            else:
-                loss.backward(create_graph=second_order)
-                if need_update:
-                    if state.clip_grad is not None:
-                        utils.dispatch_clip_grad(clip_parameters, value=state.clip_grad, mode=state.clip_mode)
-                    optimizer.step()
-
-        batch_loss = loss.detach() * accum_steps
+        meters.data_time.update(batch.accum_steps * (time.time() - data_start_time))
+        where = f'epoch {epoch}, batch {batch_idx}, update {num_updates + 1} (counted from the start of training)'
+        result = _forward_backward(task, input, target, state, batch, clip_parameters, where)
+        n = batch_size_of(input)
         softmax_loss = softmax_loss_of(result)
-        if result.get('grouping_statistics') is not None:
-            grouping_m.update(result['grouping_statistics'], input.size(0))
-        if not state.distributed:
-            losses_m.update(batch_loss.item(), input.size(0))
-            if softmax_loss is not None:
-                softmax_losses_m.update(float(softmax_loss), input.size(0))
-        update_sample_count += input.size(0)
+        _measure_batch(meters, result, softmax_loss, n, state)
+        update_sample_count += n
         if bar is not None:
             bar.update(1)
-
-        if not need_update:
+        if not batch.need_update:
             data_start_time = time.time()
             continue
 
         num_updates += 1
         optimizer.zero_grad()
         task.update_ema(step=num_updates)
-
         if state.synchronize_step and state.device.type == 'cuda':
             torch.cuda.synchronize()
         time_now = time.time()
-        update_time_m.update(time_now - update_start_time)
+        meters.update_time.update(time_now - update_start_time)
         update_start_time = time_now
-
         if state.distributed:
-            # Every process reduces every update, so no process waits on another's log line.
-            reduced = utils.reduce_tensor(batch_loss, state.world_size)
-            losses_m.update(reduced.item(), input.size(0))
-            if softmax_loss is not None:
-                softmax_losses_m.update(
-                    utils.reduce_tensor(softmax_loss.detach().float(), state.world_size).item(), input.size(0))
+            _reduce_update(meters, result, softmax_loss, n, state)
             update_sample_count *= state.world_size
-
         if bar is not None:
-            bar.set_postfix(loss=f'{losses_m.avg:.3f}', lr=f'{_mean_lr(optimizer):.2e}')
-        if update_idx % state.log_interval == 0 or last_batch:
-            softmax_text = f'Softmax loss: {softmax_losses_m.avg:#.3g}  ' if softmax_losses_m.count else ''
-            _logger.info(
-                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
-                f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
-                f'Loss: {losses_m.val:#.3g} ({losses_m.avg:#.3g})  {softmax_text}'
-                f'Time: {update_time_m.val:.3f}s, {update_sample_count / update_time_m.val:>7.2f}/s  '
-                f'({update_time_m.avg:.3f}s, {update_sample_count / update_time_m.avg:>7.2f}/s)  '
-                f'LR: {_mean_lr(optimizer):.3e}  '
-                f'Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})')
-            if state.save_images and state.output_dir:
-                import torchvision.utils
-                with atomic_path(os.path.join(state.output_dir, f'train-batch-{batch_idx}.jpg')) as tmp:
-                    torchvision.utils.save_image(input.float(), tmp, format='jpeg', padding=0, normalize=True)
-
-        if state.saver is not None and state.recovery_interval and (update_idx + 1) % state.recovery_interval == 0:
-            state.saver.save_recovery(epoch, batch_idx=update_idx)
-
+            bar.set_postfix(loss=f'{meters.loss.avg:.3f}', lr=f'{_mean_lr(optimizer):.2e}')
+        if batch.update_idx % state.log_interval == 0 or batch.last:
+            _log_update(epoch, batch, updates_per_epoch, meters, update_sample_count, optimizer)
+            _save_images(input, state, batch_idx)
+        if state.saver is not None and state.recovery_interval and (batch.update_idx + 1) % state.recovery_interval == 0:
+            state.saver.save_recovery(epoch, batch_idx=batch.update_idx)
         if state.lr_scheduler is not None:
-            state.lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
-
+            state.lr_scheduler.step_update(num_updates=num_updates, metric=meters.loss.avg)
         update_sample_count = 0
         data_start_time = time.time()
 
@@ -378,12 +455,7 @@ def train_one_epoch(
         bar.close()
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
-
-    # An epoch whose updates were all made before an interruption trained nothing here: no loss to report.
-    metrics = OrderedDict(loss=losses_m.avg if losses_m.count else float('nan'))
-    if softmax_losses_m.count:
-        metrics['softmax_loss'] = softmax_losses_m.avg
-    metrics.update(grouping_m.metrics(state.distributed))
+    metrics = meters.metrics(state.distributed)
     line = format_grouping(metrics)
     if line:
         _logger.info(f'Train: {epoch}  {line}')
