@@ -756,6 +756,107 @@ def _check_channels(task: TrainingTask, in_chans: int) -> None:
                 f"(or the same statistics, which need no renormalisation).")
 
 
+def _task_criterion(loss: str, criterion: Any, grouping_statistics: bool) -> Any:
+    """The task loss, checked to fit ``loss``: a group softmax loss for 'gsl', a loss on logits otherwise."""
+    if loss == 'gsl':
+        criterion = _gsl_criterion(criterion, None, grouping_statistics)
+        if isinstance(criterion, nn.modules.loss._Loss) or type(criterion).__module__.startswith('timm.loss'):
+            raise ValueError(f"--loss gsl: the criterion {type(criterion).__name__} takes plain logits; give a "
+                             f"timm_gsl.GroupSoftmaxLoss.")
+    else:
+        if isinstance(criterion, GroupSoftmaxLoss):
+            raise ValueError(f'--loss {loss}: the criterion is a GroupSoftmaxLoss; use --loss gsl for it.')
+        if grouping_statistics:
+            raise ValueError(f'grouping_statistics=True needs --loss gsl, got --loss {loss}.')
+        if criterion is None:
+            criterion = create_classification_loss(loss_type=loss)
+
+    return criterion
+
+
+def _student_normalization(student: nn.Module, input_mean: Optional[Sequence[float]],
+                           input_std: Optional[Sequence[float]], device: Optional[torch.device],
+                           dtype: Optional[torch.dtype]):
+    """The data's normalisation as tensors (None: the student's pretrained_cfg, which must then have it)."""
+    task_device = device if device is not None else torch.device('cpu')
+    task_dtype = dtype if dtype is not None else torch.get_default_dtype()
+    mean = _normalization(input_mean, 'input_mean', task_device, task_dtype)
+    std = _normalization(input_std, 'input_std', task_device, task_dtype)
+    if input_mean is None or input_std is None:
+        cfg = getattr(student, 'pretrained_cfg', None) or {}
+        if 'mean' not in cfg or 'std' not in cfg:
+            raise ValueError('create_distillation_task: the student has no pretrained_cfg mean/std; pass '
+                             'input_mean and input_std (the normalisation of the data).')
+    return mean, std
+
+
+def _check_student(student: nn.Module, gsl: bool, distill_type: str, student_feature_dim: Optional[int]) -> None:
+    """What each distillation type needs of the student (a distillation head, one classifier, feature sizes)."""
+    if distill_type == 'token' and not hasattr(student, 'set_distilled_training'):
+        raise ValueError(
+            f"{FLAGS['distill_type']} token: the student {type(student).__name__} has no distillation head "
+            f"(set_distilled_training); use a distilled model (e.g. deit_tiny_distilled_patch16_224) or "
+            f"{FLAGS['distill_type']} logit.")
+    if gsl:
+        heads = len(classifier_layers(student))  # UnsupportedModelError (a ValueError) for models it cannot train
+        if distill_type == 'token' and heads != 2:
+            raise ValueError(f"{FLAGS['distill_type']} token with --loss gsl: the student has {heads} classifier "
+                             f"layer(s), not a main and a distillation head.")
+    if distill_type == 'feature' and student_feature_dim is None:
+        try:
+            FeatureDistillationTask._detect_feature_dim(student)
+        except ValueError:
+            raise ValueError(f"{FLAGS['distill_type']} feature: cannot infer the student's feature size (no "
+                             f"head_hidden_size or num_features); give {FLAGS['student_feature_dim']}.") from None
+    if gsl and distill_type == 'feature':
+        heads, width = _classifier_width(student)
+        if heads != 1:
+            raise ValueError(f"{FLAGS['distill_type']} feature with --loss gsl: the student has {heads} classifier "
+                             f"heads; the group softmax loss and the distilled features must share the input of a "
+                             f"single linear classifier.")
+        if student_feature_dim is not None and student_feature_dim != width:
+            raise ValueError(f"{_flag('student_feature_dim', student_feature_dim)}: with --loss gsl the distilled "
+                             f"student features are its classifier's input, which has {width} elements.")
+        dim = student_feature_dim if student_feature_dim is not None else \
+            FeatureDistillationTask._detect_feature_dim(student)
+        if dim != width:
+            raise ValueError(f"{FLAGS['distill_type']} feature with --loss gsl: the student's classifier takes {width} "
+                             f"features but its pre-logits features have {dim}; the group softmax loss and the "
+                             f"distilled features must share the classifier's input.")
+
+
+def _prepare_teacher(teacher: Union[str, nn.Module], distill_type: str, teacher_feature_dim: Optional[int],
+                     num_classes: int, in_chans: int, teacher_pretrained_path: Optional[str],
+                     device: Optional[torch.device], dtype: Optional[torch.dtype]):
+    """The frozen teacher, its class count checked against the student's; its feature size for feature distillation.
+
+    Returns:
+        ``(teacher, teacher_feature_dim)``.
+    """
+    if distill_type != 'feature':
+        _check_teacher_classes(teacher, teacher_pretrained_path, num_classes)
+    if distill_type == 'feature' and teacher_feature_dim is None and isinstance(teacher, nn.Module):
+        module = teacher.model if isinstance(teacher, DistillationTeacher) else teacher
+        try:
+            FeatureDistillationTask._detect_feature_dim(module)
+        except ValueError:
+            raise ValueError(f"{FLAGS['distill_type']} feature: cannot infer the teacher's feature size; give "
+                             f"{FLAGS['teacher_feature_dim']}.") from None
+    teacher_module = _create_teacher(teacher, num_classes, in_chans, teacher_pretrained_path, device, dtype)
+    if distill_type != 'feature' and isinstance(teacher, str):
+        # The class count of the weights timm loaded (a classifier of another size is dropped by timm).
+        loaded = (getattr(teacher_module.model, 'pretrained_cfg', None) or {}).get('num_classes')
+        if isinstance(loaded, int) and loaded and loaded != num_classes:
+            raise ValueError(_class_mismatch(teacher, loaded, num_classes))
+    if distill_type == 'feature' and teacher_feature_dim is None:
+        try:
+            teacher_feature_dim = FeatureDistillationTask._detect_feature_dim(teacher_module.model)
+        except ValueError:
+            raise ValueError(f"{FLAGS['teacher']} {teacher!r}: cannot infer the teacher's feature size; give "
+                             f"{FLAGS['teacher_feature_dim']}.") from None
+    return teacher_module, teacher_feature_dim
+
+
 def create_distillation_task(
         model: nn.Module,
         *,
@@ -850,84 +951,11 @@ def create_distillation_task(
         token_distill_type=token_distill_type, teacher_pretrained_path=teacher_pretrained_path,
         num_classes=num_classes)
     gsl = loss == 'gsl'
-    if gsl:
-        criterion = _gsl_criterion(criterion, None, grouping_statistics)
-        if isinstance(criterion, nn.modules.loss._Loss) or type(criterion).__module__.startswith('timm.loss'):
-            raise ValueError(f"--loss gsl: the criterion {type(criterion).__name__} takes plain logits; give a "
-                             f"timm_gsl.GroupSoftmaxLoss.")
-    else:
-        if isinstance(criterion, GroupSoftmaxLoss):
-            raise ValueError(f'--loss {loss}: the criterion is a GroupSoftmaxLoss; use --loss gsl for it.')
-        if grouping_statistics:
-            raise ValueError(f'grouping_statistics=True needs --loss gsl, got --loss {loss}.')
-        if criterion is None:
-            criterion = create_classification_loss(loss_type=loss)
-
-    # The student: what each distillation type needs of it.
-    task_device = device if device is not None else torch.device('cpu')
-    task_dtype = dtype if dtype is not None else torch.get_default_dtype()
-    mean = _normalization(input_mean, 'input_mean', task_device, task_dtype)
-    std = _normalization(input_std, 'input_std', task_device, task_dtype)
-    if input_mean is None or input_std is None:
-        cfg = getattr(student, 'pretrained_cfg', None) or {}
-        if 'mean' not in cfg or 'std' not in cfg:
-            raise ValueError('create_distillation_task: the student has no pretrained_cfg mean/std; pass '
-                             'input_mean and input_std (the normalisation of the data).')
-    if distill_type == 'token' and not hasattr(student, 'set_distilled_training'):
-        raise ValueError(
-            f"{FLAGS['distill_type']} token: the student {type(student).__name__} has no distillation head "
-            f"(set_distilled_training); use a distilled model (e.g. deit_tiny_distilled_patch16_224) or "
-            f"{FLAGS['distill_type']} logit.")
-    if gsl:
-        heads = len(classifier_layers(student))  # UnsupportedModelError (a ValueError) for models it cannot train
-        if distill_type == 'token' and heads != 2:
-            raise ValueError(f"{FLAGS['distill_type']} token with --loss gsl: the student has {heads} classifier "
-                             f"layer(s), not a main and a distillation head.")
-    if distill_type == 'feature' and student_feature_dim is None:
-        try:
-            FeatureDistillationTask._detect_feature_dim(student)
-        except ValueError:
-            raise ValueError(f"{FLAGS['distill_type']} feature: cannot infer the student's feature size (no "
-                             f"head_hidden_size or num_features); give {FLAGS['student_feature_dim']}.") from None
-    if gsl and distill_type == 'feature':
-        heads, width = _classifier_width(student)
-        if heads != 1:
-            raise ValueError(f"{FLAGS['distill_type']} feature with --loss gsl: the student has {heads} classifier "
-                             f"heads; the group softmax loss and the distilled features must share the input of a "
-                             f"single linear classifier.")
-        if student_feature_dim is not None and student_feature_dim != width:
-            raise ValueError(f"{_flag('student_feature_dim', student_feature_dim)}: with --loss gsl the distilled "
-                             f"student features are its classifier's input, which has {width} elements.")
-        dim = student_feature_dim if student_feature_dim is not None else \
-            FeatureDistillationTask._detect_feature_dim(student)
-        if dim != width:
-            raise ValueError(f"{FLAGS['distill_type']} feature with --loss gsl: the student's classifier takes {width} "
-                             f"features but its pre-logits features have {dim}; the group softmax loss and the "
-                             f"distilled features must share the classifier's input.")
-
-    # The teacher.
-    if distill_type != 'feature':
-        _check_teacher_classes(teacher, teacher_pretrained_path, num_classes)
-    if distill_type == 'feature' and teacher_feature_dim is None and isinstance(teacher, nn.Module):
-        module = teacher.model if isinstance(teacher, DistillationTeacher) else teacher
-        try:
-            FeatureDistillationTask._detect_feature_dim(module)
-        except ValueError:
-            raise ValueError(f"{FLAGS['distill_type']} feature: cannot infer the teacher's feature size; give "
-                             f"{FLAGS['teacher_feature_dim']}.") from None
-    teacher_module = _create_teacher(teacher, num_classes, in_chans, teacher_pretrained_path, device, dtype)
-    if distill_type != 'feature' and isinstance(teacher, str):
-        # The class count of the weights timm loaded (a classifier of another size is dropped by timm).
-        loaded = (getattr(teacher_module.model, 'pretrained_cfg', None) or {}).get('num_classes')
-        if isinstance(loaded, int) and loaded and loaded != num_classes:
-            raise ValueError(_class_mismatch(teacher, loaded, num_classes))
-    if distill_type == 'feature' and teacher_feature_dim is None:
-        try:
-            teacher_feature_dim = FeatureDistillationTask._detect_feature_dim(teacher_module.model)
-        except ValueError:
-            raise ValueError(f"{FLAGS['teacher']} {teacher!r}: cannot infer the teacher's feature size; give "
-                             f"{FLAGS['teacher_feature_dim']}.") from None
-
+    criterion = _task_criterion(loss, criterion, grouping_statistics)
+    mean, std = _student_normalization(student, input_mean, input_std, device, dtype)
+    _check_student(student, gsl, distill_type, student_feature_dim)
+    teacher_module, teacher_feature_dim = _prepare_teacher(
+        teacher, distill_type, teacher_feature_dim, num_classes, in_chans, teacher_pretrained_path, device, dtype)
     common = dict(criterion=criterion, distill_loss_weight=distill_loss_weight, task_loss_weight=task_loss_weight,
                   device=device, dtype=dtype, verbose=verbose)
     gsl_kwargs = dict(grouping_statistics=grouping_statistics) if gsl else {}

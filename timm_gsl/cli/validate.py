@@ -462,7 +462,20 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     # Without a checkpoint the weights must come from somewhere: the model's pretrained ones.
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
+    device, model_dtype, autocast = _set_up(args)
+    model = _create_model(args, checkpoint)
+    del checkpoint
+    param_count = sum(p.numel() for p in model.parameters())
+    _logger.info(f'Model {args.model} created, param count: {param_count}')
+    model, data_config, test_time_pool = _prepare_model(model, args, device, model_dtype)
+    loader, crop_pct, valid_labels, real_labels = _create_loader(args, model, data_config, test_time_pool, device,
+                                                                 model_dtype)
+    meters = _evaluate(args, model, loader, data_config, device, model_dtype, autocast, valid_labels, real_labels)
+    return _results(args, meters, real_labels, param_count, data_config, crop_pct)
 
+
+def _set_up(args: argparse.Namespace):
+    """The device, the model dtype and the autocast context; seeds and global switches."""
     device = resolve_device(args.device, 'validating')
     if args.num_gpu > 1 and (device.type != 'cuda' or torch.cuda.device_count() < args.num_gpu):
         available = torch.cuda.device_count() if device.type == 'cuda' else 0
@@ -487,6 +500,11 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     if args.fast_norm:
         set_fast_norm()
 
+    return device, model_dtype, autocast
+
+
+def _create_model(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> nn.Module:
+    """The model with its weights (the checkpoint's, checked to fit, or the pretrained ones)."""
     try:
         model = create_model(**resolve_model_input_args(
             args.model,
@@ -515,13 +533,20 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
             if args.use_ema and isinstance(checkpoint.get('state_dict_ema'), dict):
                 weights = dict(state_dict=checkpoint['state_dict_ema'], arch=checkpoint.get('arch'))
             check_checkpoint_fits(weights, model, args.model, '--checkpoint', args.checkpoint)
-        del checkpoint
         load_checkpoint(model, args.checkpoint, args.use_ema)
     if args.reparam:
         model = reparameterize_model(model)
     param_count = sum(p.numel() for p in model.parameters())
     _logger.info(f'Model {args.model} created, param count: {param_count}')
 
+    if args.reparam:
+        model = reparameterize_model(model)
+    return model
+
+
+def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device,
+                   model_dtype: Optional[torch.dtype]):
+    """The data config, test-time pooling, device, dtype, memory layout, compilation and DataParallel."""
     data_config = resolve_input_data_config(model, vars(args), use_test_size=not args.use_train_size, verbose=True)
     test_time_pool = False
     if args.test_pool:
@@ -533,8 +558,13 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     model = _compile(model, args)
     if args.num_gpu > 1:
         model = nn.DataParallel(model, device_ids=list(range(args.num_gpu)))
-    criterion = nn.CrossEntropyLoss().to(device)
 
+    return model, data_config, test_time_pool
+
+
+def _create_loader(args: argparse.Namespace, model: nn.Module, data_config: Dict[str, Any], test_time_pool: bool,
+                   device: torch.device, model_dtype: Optional[torch.dtype]):
+    """The evaluation dataset and loader (timm's, or its NaFlex one), and the label restrictions."""
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     if args.tf_preprocessing:
         try:
@@ -574,6 +604,14 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
         loader = create_loader(
             dataset, input_size=data_config['input_size'], tf_preprocessing=args.tf_preprocessing, **loader_kwargs)
 
+    return loader, crop_pct, valid_labels, real_labels
+
+
+def _evaluate(args: argparse.Namespace, model: nn.Module, loader: Any, data_config: Dict[str, Any],
+              device: torch.device, model_dtype: Optional[torch.dtype], autocast: Callable[[], Any],
+              valid_labels: Optional[List[int]], real_labels: Any) -> Dict[str, Any]:
+    """timm's evaluation loop: loss, top-1 and top-5 meters, and the predictions when --metrics-avg asks."""
+    criterion = nn.CrossEntropyLoss().to(device)
     batch_time, losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
     all_predictions, all_targets = [], []
     model.eval()
@@ -622,6 +660,13 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
                     f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  '
                     f'Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
 
+    return dict(top1=top1, top5=top5, predictions=all_predictions, targets=all_targets)
+
+
+def _results(args: argparse.Namespace, meters: Dict[str, Any], real_labels: Any, param_count: int,
+             data_config: Dict[str, Any], crop_pct: float) -> Dict[str, Any]:
+    """timm's result dict and summary line."""
+    top1, top5, all_predictions, all_targets = (meters[k] for k in ('top1', 'top5', 'predictions', 'targets'))
     if top1.count == 0:
         raise ValueError(f'The {args.split!r} split of the dataset is empty: nothing to validate.')
     if real_labels is not None:
