@@ -5,7 +5,6 @@ The picture (``timm_gsl/cli/__init__.py`` and the README's "Package layout"):
     math (functional) -> timm integration (head, loss, loss_factory, task, registry, distillation, naflex)
     -> engine (engine/*) -> data, hub -> command lines (cli/*, and the aliases train, validate, __main__)
 """
-import ast
 import json
 import os
 import subprocess
@@ -13,8 +12,9 @@ import sys
 
 import pytest
 
+from tools.code_metrics import imports_of, package_modules
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = os.path.join(ROOT, 'timm_gsl')
 
 # Layer of each top-level part of the package; a module may import its own layer and the ones below.
 LAYERS = {
@@ -28,20 +28,7 @@ LAYERS = {
 FRONTS = ('timm_gsl.cli', 'timm_gsl.train', 'timm_gsl.validate', 'timm_gsl.__main__')
 
 
-def _modules():
-    found = {}
-    for folder, _, files in os.walk(PACKAGE):
-        for name in files:
-            if name.endswith('.py'):
-                path = os.path.join(folder, name)
-                parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
-                if parts[-1] == '__init__':
-                    parts = parts[:-1]
-                found['.'.join(parts)] = path
-    return found
-
-
-MODULES = _modules()
+MODULES = package_modules(ROOT)  # module name -> file (tools/code_metrics.py reads the graph from the source)
 
 
 def _part(module):
@@ -49,28 +36,9 @@ def _part(module):
     return parts[1] if len(parts) > 1 else 'timm_gsl'
 
 
-def _imports(module, path, top_level_only):
-    """The package modules ``module`` imports (at module level only, or anywhere)."""
-    tree = ast.parse(open(path, encoding='utf-8').read())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
-    if top_level_only:  # module level includes imports under `if`/`try` at the top, not inside functions
-        nodes = [n for top in tree.body if not isinstance(top, (ast.FunctionDef, ast.ClassDef))
-                 for n in ast.walk(top)]
-    found = set()
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name in MODULES)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split('.') if path.endswith('__init__.py') else module.split('.')[:-1]
-                base = base[:len(base) - node.level + 1]
-                target = '.'.join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ''
-            subs = [f'{target}.{a.name}' for a in node.names if f'{target}.{a.name}' in MODULES]
-            found.update(subs or ([target] if target in MODULES else []))
-    found.discard(module)
-    return found
+def _imports(module):
+    """The package modules ``module`` imports, at module level or inside functions (lazy imports count too)."""
+    return imports_of(module, MODULES[module], set(MODULES))
 
 
 def test_every_module_has_a_layer():
@@ -79,13 +47,13 @@ def test_every_module_has_a_layer():
 
 @pytest.mark.parametrize('module', sorted(MODULES))
 def test_no_module_imports_an_upper_layer(module):
-    upward = sorted(m for m in _imports(module, MODULES[module], top_level_only=False)
+    upward = sorted(m for m in _imports(module)
                     if LAYERS[_part(m)] > LAYERS[_part(module)])
     assert not upward, f'{module} (layer {LAYERS[_part(module)]}) imports {upward}'
 
 
 def test_no_import_cycles():
-    graph = {m: _imports(m, p, top_level_only=False) for m, p in MODULES.items()}
+    graph = {m: _imports(m) for m in MODULES}
     # A package importing its own submodules (its __init__ re-exporting them) is not a cycle.
     for m in graph:
         graph[m] = {d for d in graph[m] if not (d.startswith(m + '.') and MODULES[m].endswith('__init__.py'))}

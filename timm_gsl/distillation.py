@@ -45,12 +45,12 @@ from timm.task import (
 from timm.task.distillation import FeatureDistillationTrainableModule
 from timm.utils import unwrap_model
 
-from .functional import smooth_targets
 from .head import (
     GroupSoftmaxOutput, UnsupportedModelError, classifier_layers, convert_model, is_converted, linear_classifier,
     unconvert_model)
 from .loss import GroupSoftmaxLoss
 from .loss_factory import LOSS_TYPES, create_classification_loss
+from .task import group_softmax_criterion, plain_softmax_loss
 
 __all__ = [
     'DISTILL_TYPES',
@@ -314,32 +314,6 @@ def check_distillation_options(
 # The group softmax loss as the task loss of timm's distillation tasks
 # ----------------------------------------------------------------------------------------------
 
-def _gsl_criterion(criterion: Optional[Union[nn.Module, Callable]], criterion_kwargs: Optional[Dict[str, Any]],
-                   grouping_statistics: bool) -> Union[nn.Module, Callable]:
-    if criterion is None:
-        criterion = create_classification_loss(**dict(dict(loss_type='gsl'), **(criterion_kwargs or {})))
-    elif criterion_kwargs:
-        raise ValueError(
-            f'Pass either an explicit criterion or criterion_kwargs, not both: {sorted(criterion_kwargs)}')
-    if grouping_statistics and not isinstance(criterion, GroupSoftmaxLoss):
-        raise ValueError(f'grouping_statistics=True needs a GroupSoftmaxLoss criterion, got '
-                         f'{type(criterion).__name__}.')
-    return criterion
-
-
-def _softmax_loss(criterion: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The plain softmax cross-entropy of the logits, with the criterion's smoothing (as GroupSoftmaxTask)."""
-    with torch.no_grad():
-        logits = logits.float()
-        soft = target
-        if not target.is_floating_point():
-            smoothing = getattr(criterion, 'smoothing', 0.0)
-            soft = smooth_targets(target, logits.shape[1], smoothing) if smoothing else None
-        if soft is None:
-            return F.cross_entropy(logits, target)
-        return -(soft.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).mean()
-
-
 def _kl_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """timm's soft distillation term: ``T**2 * KL(softmax(t / T) || softmax(s / T))``, batch mean."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
@@ -364,7 +338,7 @@ class _GroupSoftmaxResult:
         if not isinstance(output, GroupSoftmaxOutput):
             raise _not_group_output()
         loss = self.criterion(output, target)
-        extra: Dict[str, Any] = {'softmax_loss': _softmax_loss(self.criterion, output.logits, target)}
+        extra: Dict[str, Any] = {'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
         if self.grouping_statistics:
             extra['grouping_statistics'] = self.criterion.statistics(output, target)
         return loss, extra
@@ -393,7 +367,7 @@ class GroupSoftmaxLogitDistillationTask(_GroupSoftmaxResult, LogitDistillationTa
             grouping_statistics: bool = False,
             **kwargs: Any,
     ):
-        criterion = _gsl_criterion(criterion, criterion_kwargs, grouping_statistics)
+        criterion = group_softmax_criterion(criterion, criterion_kwargs, grouping_statistics)
         convert_model(unwrap_model(student_model))
         super().__init__(student_model, teacher_model, criterion=criterion, **kwargs)
         self.grouping_statistics = grouping_statistics
@@ -466,7 +440,7 @@ class GroupSoftmaxFeatureDistillationTask(_GroupSoftmaxResult, FeatureDistillati
             student_feature_dim: Optional[int] = None,
             **kwargs: Any,
     ):
-        criterion = _gsl_criterion(criterion, criterion_kwargs, grouping_statistics)
+        criterion = group_softmax_criterion(criterion, criterion_kwargs, grouping_statistics)
         student = unwrap_model(student_model)
         heads, width = _classifier_width(student)
         if heads != 1:
@@ -599,7 +573,7 @@ class GroupSoftmaxTokenDistillationTask(_GroupSoftmaxResult, TokenDistillationTa
             grouping_statistics: bool = False,
             **kwargs: Any,
     ):
-        criterion = _gsl_criterion(criterion, criterion_kwargs, grouping_statistics)
+        criterion = group_softmax_criterion(criterion, criterion_kwargs, grouping_statistics)
         student = unwrap_model(student_model)
         if is_converted(student):
             unconvert_model(student)
@@ -759,7 +733,7 @@ def _check_channels(task: TrainingTask, in_chans: int) -> None:
 def _task_criterion(loss: str, criterion: Any, grouping_statistics: bool) -> Any:
     """The task loss, checked to fit ``loss``: a group softmax loss for 'gsl', a loss on logits otherwise."""
     if loss == 'gsl':
-        criterion = _gsl_criterion(criterion, None, grouping_statistics)
+        criterion = group_softmax_criterion(criterion, None, grouping_statistics)
         if isinstance(criterion, nn.modules.loss._Loss) or type(criterion).__module__.startswith('timm.loss'):
             raise ValueError(f"--loss gsl: the criterion {type(criterion).__name__} takes plain logits; give a "
                              f"timm_gsl.GroupSoftmaxLoss.")

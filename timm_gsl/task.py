@@ -14,9 +14,43 @@ from .head import GroupSoftmaxOutput, convert_model
 from .loss import GroupSoftmaxLoss
 from .loss_factory import create_classification_loss
 
-__all__ = ['GroupSoftmaxTask']
+__all__ = ['GroupSoftmaxTask', 'group_softmax_criterion', 'plain_softmax_loss']
 
 _logger = logging.getLogger(__name__)
+
+
+def group_softmax_criterion(criterion: Optional[Union[nn.Module, Callable]], criterion_kwargs: Optional[Dict[str, Any]],
+                            grouping_statistics: bool = False) -> Union[nn.Module, Callable]:
+    """The criterion of a group softmax task: the one given, or one made from ``criterion_kwargs``.
+
+    Raises:
+        ValueError: both are given, or ``grouping_statistics`` without a :class:`GroupSoftmaxLoss`.
+    """
+    if criterion is None:
+        criterion = create_classification_loss(**dict(dict(loss_type='gsl'), **(criterion_kwargs or {})))
+    elif criterion_kwargs:
+        raise ValueError(
+            f'Pass either an explicit criterion or criterion_kwargs, not both: {sorted(criterion_kwargs)}')
+    if grouping_statistics and not isinstance(criterion, GroupSoftmaxLoss):
+        raise ValueError(f'grouping_statistics=True needs a GroupSoftmaxLoss criterion, got '
+                         f'{type(criterion).__name__}.')
+    return criterion
+
+
+@torch.no_grad()
+def plain_softmax_loss(criterion: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The ordinary softmax cross-entropy of ``logits``, with the criterion's label smoothing; detached.
+
+    What the group loss is compared with in the logs: their gap is the regulariser at work.
+    """
+    logits = logits.float()
+    soft = target
+    if not target.is_floating_point():
+        smoothing = getattr(criterion, 'smoothing', 0.0)
+        soft = smooth_targets(target, logits.shape[1], smoothing) if smoothing else None
+    if soft is None:
+        return F.cross_entropy(logits, target)
+    return -(soft.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).mean()
 
 
 class GroupSoftmaxTask(ClassificationTask):
@@ -62,14 +96,7 @@ class GroupSoftmaxTask(ClassificationTask):
             verbose: bool = True,
             grouping_statistics: bool = False,
     ):
-        if criterion is None:
-            criterion = create_classification_loss(**dict(dict(loss_type='gsl'), **(criterion_kwargs or {})))
-        elif criterion_kwargs:
-            raise ValueError(
-                f'Pass either an explicit criterion or criterion_kwargs, not both: {sorted(criterion_kwargs)}')
-        if grouping_statistics and not isinstance(criterion, GroupSoftmaxLoss):
-            raise ValueError(f'grouping_statistics=True needs a GroupSoftmaxLoss criterion, got '
-                             f'{type(criterion).__name__}.')
+        criterion = group_softmax_criterion(criterion, criterion_kwargs, grouping_statistics)
         convert_model(model)
         super().__init__(model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
         self.grouping_statistics = grouping_statistics
@@ -90,17 +117,8 @@ class GroupSoftmaxTask(ClassificationTask):
                 "GroupSoftmaxTask: the model returned plain logits; call task.train() before a training step "
                 "(in eval mode use task.get_eval_model()).")
         loss = self.criterion(output, target)
-        with torch.no_grad():
-            logits = output.logits.float()
-            soft = target
-            if not target.is_floating_point():
-                smoothing = getattr(self.criterion, 'smoothing', 0.0)
-                soft = smooth_targets(target, logits.shape[1], smoothing) if smoothing else None
-            if soft is None:
-                softmax_loss = F.cross_entropy(logits, target)
-            else:
-                softmax_loss = -(soft.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).mean()
-        result = {'loss': loss, 'output': output.logits, 'softmax_loss': softmax_loss}
+        result = {'loss': loss, 'output': output.logits,
+                  'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
         if self.grouping_statistics:
             result['grouping_statistics'] = self.criterion.statistics(output, target)
         return result
