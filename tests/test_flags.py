@@ -56,3 +56,16 @@ def test_class_subset_reads_a_count_or_a_file():
     assert flags.class_subset_value('classes.txt') == 'classes.txt'
     with pytest.raises(argparse.ArgumentTypeError, match='number of classes K or a file'):
         flags.class_subset_value(' ')
+
+
+def test_one_rule_for_the_dataset_root_and_the_input_channels():
+    ns = argparse.Namespace
+    assert flags.dataset_root(ns(data='a', data_dir=None)) == 'a'
+    assert flags.dataset_root(ns(data=None, data_dir='b')) == 'b'
+    assert flags.dataset_root(ns(data='b', data_dir='b')) == 'b'
+    with pytest.raises(ValueError, match=r"DIR 'a' and --data-dir 'b' name two dataset roots"):
+        flags.dataset_root(ns(data='a', data_dir='b'))
+    assert flags.input_channels(ns(in_chans=None, input_size=None)) == 3
+    assert flags.input_channels(ns(in_chans=None, input_size=[1, 28, 28])) == 1
+    assert flags.input_channels(ns(in_chans=4, input_size=[1, 28, 28])) == 4  # --in-chans wins, as in timm
+

@@ -57,6 +57,14 @@ MISTAKES = {
                                   ['--model-kwargs depht=2', "unexpected keyword argument 'depht'"]),
     'train_groups_above_feature_size': ('train', TRAIN + ['--gsl-groups', '97'],
                                         ['--gsl-groups 97', 'test_resnet (96', '<= 96']),
+    'train_two_dataset_roots': ('train', TRAIN + ['one', '--data-dir', 'two'],
+                                ["DIR 'one' and --data-dir 'two' name two dataset roots", 'pass one']),
+    'train_kd_options_without_teacher': ('train', TRAIN + ['--loss', 'ce', '--kd-temperature', '2'],
+                                         ['--kd-temperature', 'no teacher was given', '--kd-model-name']),
+    'train_unknown_teacher': ('train', TRAIN + ['--kd-model-name', 'resnet5O'], ["--kd-model-name 'resnet5O'"]),
+    'train_naflex_with_a_cnn': ('train', TRAIN + ['--naflex-loader'],
+                                ['--naflex-loader needs a NaFlex model', 'test_resnet']),
+    'train_tta_above_two': ('train', TRAIN + ['--tta', '4'], ['--tta 4', 'takes 0 (off), 1 (off) or 2']),
     # --- train.py: checkpoints that are not checkpoints
     'train_resume_missing': ('train', TRAIN + ['--resume', 'missing.pth.tar'],
                              ["--resume 'missing.pth.tar'", 'no such file']),
@@ -91,6 +99,8 @@ MISTAKES = {
     'train_not_a_number': ('train', TRAIN + ['--epochs', 'ten'], ["argument --epochs: invalid int value: 'ten'"]),
     'train_unknown_loss': ('train', TRAIN + ['--loss', 'gls'], ["argument --loss: invalid choice: 'gls'"]),
     # --- validate.py
+    'validate_two_dataset_roots': ('validate', VALIDATE + ['one', '--data-dir', 'two'],
+                                   ["DIR 'one' and --data-dir 'two' name two dataset roots"]),
     'validate_missing_checkpoint': ('validate', VALIDATE + ['--checkpoint', 'missing.pth.tar'],
                                     ["--checkpoint 'missing.pth.tar': no such file"]),
     'validate_text_checkpoint': ('validate', VALIDATE + ['--checkpoint', 'text.pth.tar'],

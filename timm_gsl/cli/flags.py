@@ -14,7 +14,7 @@ from timm.utils import ParseKwargs
 
 __all__ = [
     'DATA_FLAGS', 'add_dataset_flags', 'add_device_flags', 'add_loader_flags', 'add_model_flags',
-    'add_naflex_flags', 'class_subset_value',
+    'add_naflex_flags', 'class_subset_value', 'dataset_root', 'input_channels',
 ]
 
 # Options that name the data; with none of them set, the commands use the embedded Fashion-MNIST subset.
@@ -29,6 +29,25 @@ def class_subset_value(value: str) -> Union[int, str]:
     if not text:
         raise argparse.ArgumentTypeError("expected a number of classes K or a file of class names, got ''")
     return text
+
+
+def dataset_root(args: argparse.Namespace) -> Optional[str]:
+    """The dataset root, from ``--data-dir`` or the positional ``DIR`` (the same rule for every command).
+
+    Raises:
+        ValueError: both are given and name different folders.
+    """
+    if args.data and args.data_dir and args.data != args.data_dir:
+        raise ValueError(f'DIR {args.data!r} and --data-dir {args.data_dir!r} name two dataset roots; pass one of '
+                         f'them (DIR is the older form of --data-dir).')
+    return args.data_dir or args.data
+
+
+def input_channels(args: argparse.Namespace) -> int:
+    """The model's input channels: ``--in-chans``, else the first of ``--input-size``, else 3 (timm's rule)."""
+    if args.in_chans is not None:
+        return args.in_chans
+    return args.input_size[0] if args.input_size else 3
 
 
 def _group(parser: argparse.ArgumentParser, title: Optional[str]):

@@ -53,6 +53,7 @@ from ..naflex import check_naflex_model, create_naflex_eval_loader, create_nafle
 from ..naflex import set_naflex_epoch
 from ..task import GroupSoftmaxTask
 from .common import exit_with_error, one_line, resolve_device
+from .flags import dataset_root, input_channels
 from .train_args import EMBEDDED_RECIPE, apply_embedded_recipe, check_args, format_args, get_args_parser
 from .train_args import loss_name, parse_args, training_command, uses_embedded_recipe
 
@@ -213,7 +214,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     probe = argparse.Namespace(**vars(args))  # timm's set-up writes its findings into the namespace it is given
     device = utils.init_distributed_device(probe)
     settings = Settings(device=device, distributed=probe.distributed, world_size=probe.world_size, rank=probe.rank,
-                        local_rank=probe.local_rank, dist_bn=args.dist_bn, data_dir=args.data_dir or args.data)
+                        local_rank=probe.local_rank, dist_bn=args.dist_bn, data_dir=dataset_root(args))
     if settings.distributed:
         _logger.info(f'Distributed training: process {settings.rank} of {settings.world_size}, device {device}.')
     else:
@@ -241,7 +242,7 @@ def _dataset_options(args: argparse.Namespace, settings: Settings):
     if args.input_img_mode is None:
         # As timm: one-channel models read grayscale images, the others RGB (a grayscale image gives
         # three identical channels).
-        common['input_img_mode'] = 'L' if _in_chans(args) == 1 else 'RGB'
+        common['input_img_mode'] = 'L' if input_channels(args) == 1 else 'RGB'
     return conditions, common
 
 
@@ -276,10 +277,6 @@ def build_datasets(args: argparse.Namespace, settings: Settings) -> Datasets:
     return Datasets(train, evaluation, clean, dataset_class_names(train), num_train)
 
 
-def _in_chans(args: argparse.Namespace) -> int:
-    return args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
-
-
 def _model_options(args: argparse.Namespace) -> str:
     """The flags that shape the model besides --model, as the user wrote them, for messages."""
     given = [f'--model-kwargs {" ".join(f"{k}={v}" for k, v in args.model_kwargs.items())}'
@@ -303,8 +300,9 @@ def probe_model(args: argparse.Namespace) -> Optional[nn.Module]:
         return None
     try:
         with torch.device('meta'):
-            return create_model(args.model, pretrained=False, in_chans=_in_chans(args), num_classes=args.num_classes,
-                                global_pool=args.gp, scriptable=args.torchscript, **args.model_kwargs)
+            return create_model(args.model, pretrained=False, in_chans=input_channels(args),
+                                num_classes=args.num_classes, global_pool=args.gp, scriptable=args.torchscript,
+                                **args.model_kwargs)
     except TypeError as e:
         if 'unexpected keyword argument' in str(e):
             raise ValueError(f'--model {args.model} cannot be created with {_model_options(args) or "these options"}'
@@ -342,7 +340,7 @@ def build_model(args: argparse.Namespace, settings: Settings,
     try:
         model = create_model(
             args.model, pretrained=args.pretrained or bool(args.pretrained_path), pretrained_cfg_overlay=overlay,
-            in_chans=_in_chans(args), num_classes=settings.num_classes, drop_rate=args.drop,
+            in_chans=input_channels(args), num_classes=settings.num_classes, drop_rate=args.drop,
             drop_path_rate=drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
             bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, scriptable=args.torchscript, **args.model_kwargs)
     except MemoryError:
@@ -406,7 +404,7 @@ def _mixup_active(args: argparse.Namespace) -> bool:
 
 
 def _criterion(args: argparse.Namespace, settings: Settings) -> Any:
-    """The task loss: the group softmax loss, or one of timm's, as ``--loss`` (and ``--bce-loss``/``--jsd-loss``) say."""
+    """The task loss: the group softmax loss or one of timm's, as ``--loss`` (``--bce-loss``, ``--jsd-loss``) says."""
     loss, soft_targets = loss_name(args), _mixup_active(args)
     if loss == 'gsl':
         criterion = create_classification_loss(
@@ -433,9 +431,9 @@ def build_task(args: argparse.Namespace, settings: Settings, model: nn.Module, d
             kd_loss_type=args.kd_loss_type, distill_loss_weight=args.distill_loss_weight,
             task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature,
             student_feature_dim=args.kd_student_feature_dim, teacher_feature_dim=args.kd_teacher_feature_dim,
-            token_distill_type=args.kd_token_distill_type, num_classes=settings.num_classes, in_chans=_in_chans(args),
-            teacher_pretrained_path=args.kd_pretrained_path, input_mean=data_config['mean'],
-            input_std=data_config['std'], device=device, dtype=model_dtype, grouping_statistics=loss == 'gsl',
+            token_distill_type=args.kd_token_distill_type, num_classes=settings.num_classes,
+            in_chans=input_channels(args), teacher_pretrained_path=args.kd_pretrained_path,
+            input_mean=data_config['mean'], input_std=data_config['std'], device=device, dtype=model_dtype, grouping_statistics=loss == 'gsl',
             verbose=settings.primary)
     if loss == 'gsl':
         return GroupSoftmaxTask(model, criterion=criterion, device=device, grouping_statistics=True)
@@ -770,7 +768,7 @@ def _tta_options(run: Run) -> Dict[str, Any]:
     """How the test-time views are made: for NaFlex batches, the patch layout to mirror."""
     if run.loaders.naflex_patch_size is None:
         return {}
-    return dict(patch_size=run.loaders.naflex_patch_size, channels=_in_chans(run.args),
+    return dict(patch_size=run.loaders.naflex_patch_size, channels=input_channels(run.args),
                 channels_last=not run.args.naflex_patchify_channels_first)
 
 
@@ -897,7 +895,8 @@ def train(run: Run) -> Dict[str, Any]:
                 train_metrics.update((f'clean_{k}', measured[k] if measured else '') for k in ('loss', 'top1'))
             _record_epoch(run, outputs, epoch, train_metrics, eval_metrics)
             if outputs.saver is not None:
-                best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+                metric = eval_metrics.get(args.eval_metric)
+                best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=metric)
             if run.lr_scheduler is not None:
                 run.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
     except KeyboardInterrupt:

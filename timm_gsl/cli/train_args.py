@@ -39,7 +39,7 @@ from .common import ArgumentParser, check_at_least, check_can_create, check_clas
 from .common import check_model_name, check_pretrained_weights, close_matches, exit_with_error, explicit_dests
 from .common import one_line, repo_id_type
 from .flags import DATA_FLAGS, add_dataset_flags, add_device_flags, add_loader_flags, add_model_flags
-from .flags import add_naflex_flags
+from .flags import add_naflex_flags, dataset_root, input_channels
 
 __all__ = [
     'DATA_FLAGS', 'EMBEDDED_RECIPE', 'TRAIN_LOSSES', 'apply_embedded_recipe', 'check_args', 'format_args',
@@ -339,7 +339,8 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     # Knowledge distillation: on the parser itself, as in timm.
     parser.add_argument('--kd-model-name', default=None, type=str,
                         help='teacher for knowledge distillation: a timm model name with pretrained weights, '
-                             'local-dir:FOLDER (e.g. a model exported by `python -m timm_gsl export`) or hf-hub:ORG/NAME; '
+                             'local-dir:FOLDER (e.g. a model exported by `python -m timm_gsl export`) or '
+                             'hf-hub:ORG/NAME; '
                              'works with every --loss (with gsl the group softmax loss is the task loss)')
     parser.add_argument('--kd-pretrained-path', default=None, type=str, metavar='PATH',
                         help='teacher weights from this file (a checkpoint or .safetensors) for --kd-model-name ARCH '
@@ -444,8 +445,8 @@ def format_args(args: argparse.Namespace) -> str:
 # ----------------------------------------------------------------------------------------------
 
 # Applied, flag by flag, only where the user set no data flag and did not set that flag: a small model
-# on the embedded 28x28 Fashion-MNIST subset (grayscale, given as RGB like any timm dataset) (5000 training images), a few minutes on 2 CPU
-# cores. Every value replaces a default sized for ImageNet on GPUs.
+# on the embedded 28x28 Fashion-MNIST subset (grayscale, given as RGB like any timm dataset; 5000 training
+# images), a few minutes on 2 CPU cores. Every value replaces a default sized for ImageNet on GPUs.
 EMBEDDED_RECIPE: Dict[str, Any] = dict(
     dataset=EMBEDDED_DATASET,
     model='resnet10t',
@@ -498,7 +499,7 @@ def apply_embedded_recipe(args: argparse.Namespace, explicit: Set[str]) -> List[
     for dest in changed:
         setattr(args, dest, recipe[dest])
     # The grayscale statistics, repeated for as many channels as the model is given.
-    channels = args.input_size[0] if args.input_size else (args.in_chans or 3)
+    channels = input_channels(args)
     for dest in ('mean', 'std'):
         if dest in changed:
             setattr(args, dest, recipe[dest] * channels)
@@ -695,7 +696,7 @@ def _check_names_and_files(args: argparse.Namespace) -> None:
     check_class_subset(args.class_subset, '--class-subset')
     if args.class_map:
         check_file(args.class_map, '--class-map', 'a file mapping class names to indices')
-    root = args.data_dir or args.data
+    root = dataset_root(args)
     if (args.dataset or '').lower().startswith('torch/') and not args.dataset_download \
             and not (root and os.path.isdir(root)):
         where = f'--data-dir {root!r} does not exist' if root else 'no --data-dir was given'

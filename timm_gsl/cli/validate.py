@@ -62,7 +62,7 @@ from .common import ArgumentParser, check_at_least, check_can_create, check_clas
 from .common import check_model_name, check_pretrained_weights, exit_with_error, explicit_dests, one_line
 from .common import resolve_device
 from .flags import add_dataset_flags, add_device_flags, add_loader_flags, add_model_flags, add_naflex_flags
-from .flags import class_subset_value
+from .flags import class_subset_value, dataset_root
 
 __all__ = [
     'METRICS_AVERAGES',
@@ -373,7 +373,7 @@ def check_args(args: argparse.Namespace) -> None:
                        ('--real-labels', args.real_labels)):
         if path:
             check_file(path, flag)
-    gsl_data.check_data_source(args.dataset, args.data or args.data_dir, (args.split,),
+    gsl_data.check_data_source(args.dataset, dataset_root(args), (args.split,),
                                flag='--data-dir' if args.data_dir else 'DIR', require_root=False)
     if args.results_file:
         folder = os.path.dirname(args.results_file) or '.'
@@ -420,7 +420,7 @@ def _create_eval_dataset(args: argparse.Namespace, input_img_mode: str):
     if _uses_embedded_data(args):
         name, root = gsl_data.EMBEDDED_DATASET, None
     else:
-        name, root = args.dataset, args.data or args.data_dir
+        name, root = args.dataset, dataset_root(args)
     return gsl_data.create_dataset(
         name, root=root, split=args.split, is_training=False,
         class_subset=args.class_subset, samples_per_class=getattr(args, 'samples_per_class', None),

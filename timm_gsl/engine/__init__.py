@@ -22,6 +22,7 @@ from .train_epoch import (
 __all__ = [
     'AtomicCheckpointSaver', 'GroupingMeter', 'NonFiniteLossError', 'TrainingState', 'atomic_path',
     'batch_loss_scale', 'check_checkpoint_fits', 'evaluate', 'format_grouping', 'format_summary', 'loss_is_finite',
-    'plot_learning_curves', 'read_checkpoint', 'read_summary', 'train_one_epoch', 'write_bytes_atomic', 'write_json_atomic',
+    'plot_learning_curves', 'read_checkpoint', 'read_summary', 'train_one_epoch', 'write_bytes_atomic',
+    'write_json_atomic',
     'write_text_atomic',
 ]

@@ -22,7 +22,8 @@ from .atomic import atomic_path
 from ..naflex import batch_size_of, is_naflex_batch, naflex_distributed_scale, naflex_loss_scale, prepare_naflex_input
 from .batch import prepare_input, progress_bar
 
-__all__ = ['GroupingMeter', 'NonFiniteLossError', 'TrainingState', 'batch_loss_scale', 'format_grouping', 'loss_is_finite', 'train_one_epoch']
+__all__ = ['GroupingMeter', 'NonFiniteLossError', 'TrainingState', 'batch_loss_scale', 'format_grouping',
+           'loss_is_finite', 'train_one_epoch']
 
 _logger = logging.getLogger(__name__)
 
@@ -444,7 +445,8 @@ def train_one_epoch(
         if batch.update_idx % state.log_interval == 0 or batch.last:
             _log_update(epoch, batch, updates_per_epoch, meters, update_sample_count, optimizer)
             _save_images(input, state, batch_idx)
-        if state.saver is not None and state.recovery_interval and (batch.update_idx + 1) % state.recovery_interval == 0:
+        recovery_due = state.recovery_interval and (batch.update_idx + 1) % state.recovery_interval == 0
+        if state.saver is not None and recovery_due:
             state.saver.save_recovery(epoch, batch_idx=batch.update_idx)
         if state.lr_scheduler is not None:
             state.lr_scheduler.step_update(num_updates=num_updates, metric=meters.loss.avg)
