@@ -184,22 +184,20 @@ class Run:
     start_epoch: int = 0
     updates_done: int = 0
 
-    # The names the engine and the benchmarks use.
     @property
     def device(self) -> torch.device:
+        """The device of this process (``settings.device``)."""
         return self.settings.device
 
     @property
     def loader_train(self) -> Any:
+        """The training loader (``loaders.train``)."""
         return self.loaders.train
 
     @property
     def loader_eval(self) -> Any:
+        """The validation loader (``loaders.eval``)."""
         return self.loaders.eval
-
-    @property
-    def dataset_train(self) -> Any:
-        return self.datasets.train
 
 
 # ----------------------------------------------------------------------------------------------
