@@ -7,7 +7,11 @@ optimiser and the same number of steps, interleaved in one process:
 * ``timm``: a minimal loop written here: ``model(input)``, timm's label-smoothing / soft-target
   cross-entropy, ``backward``, ``optimizer.step``, ``lr_scheduler.step_update``;
 * ``ours-ce``: :func:`timm_gsl.engine.train_one_epoch` with ``--loss ce``;
-* ``ours-gsl``: the same with ``--loss gsl`` (the group softmax loss).
+* ``ours-gsl``: the same with ``--loss gsl`` (the group softmax loss), with the grouping statistics train.py
+  logs, measured from the loss's own grouping (one pass);
+* ``gsl-nostats``: ``--loss gsl`` without the grouping statistics;
+* ``gsl-2pass``: ``--loss gsl`` with the statistics measured by a second grouping and group-logit pass (how
+  train.py measured them before the one-pass loss).
 
 It prints the median seconds per step of each and the ratios to ``timm`` (target: ~1.00 for ce,
 a few percent above for gsl). Timings on a shared machine are noisy: compare the ratios.
@@ -38,6 +42,13 @@ def _build(loss: str, cli: argparse.Namespace):
     return build_run(args)
 
 
+def _two_passes(criterion):
+    """The loss and, from a second grouping and group-logit pass without autograd, its statistics."""
+    def loss_and_statistics(output, target):
+        return criterion(output, target), criterion.statistics(output, target)
+    return loss_and_statistics
+
+
 def _timm_loop(model, optimizer, loss_fn, batches, lr_scheduler, epoch):
     """The minimal training loop: what any timm training script does per step."""
     model.train()
@@ -62,7 +73,10 @@ def main() -> None:
     cli = parser.parse_args()
     torch.manual_seed(0)
 
-    runs = {'ours-ce': _build('ce', cli), 'ours-gsl': _build('gsl', cli)}
+    runs = {'ours-ce': _build('ce', cli), 'ours-gsl': _build('gsl', cli), 'gsl-nostats': _build('gsl', cli),
+            'gsl-2pass': _build('gsl', cli)}
+    runs['gsl-nostats'].task.grouping_statistics = False
+    runs['gsl-2pass'].task.criterion.loss_and_statistics = _two_passes(runs['gsl-2pass'].task.criterion)
     reference = runs['ours-ce']
     # The same batches for every loop, drawn once from train.py's loader.
     batches = [(x.clone(), y.clone()) for x, y in reference.loader_train]

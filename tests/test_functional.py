@@ -661,3 +661,24 @@ def test_grouping_statistics_match_a_count_by_hand(loss_type, grouping, target_k
     loss = group_softmax_loss(x, w, b, target, groups, loss_type, grouping)
     total = stats.group_loss.sum() if loss_type == 'II' else stats.group_loss.mean()
     assert float(loss.detach()) == pytest.approx(float(total), rel=1e-5)
+
+
+@pytest.mark.parametrize('loss_type', ['I', 'II'])
+@pytest.mark.parametrize('grouping', ['discriminative', 'zero-aware', 'contiguous', 'random'])
+@pytest.mark.parametrize('target_kind', ['hard', 'mixup', 'smoothed'])
+def test_loss_and_statistics_in_one_pass_equal_the_two_separate_calls(loss_type, grouping, target_kind):
+    groups, dim, num_classes = 4, 23, 5
+    x, w, b, y, gen = make_relu_inputs(9, dim, num_classes, seed=5, zero_prob=0.3)
+    target = make_target(target_kind if target_kind != 'smoothed' else 'hard', y, num_classes, gen)
+    smoothing = 0.1 if target_kind == 'smoothed' else 0.0
+    options = dict(loss_type=loss_type, grouping=grouping, label_smoothing=smoothing)
+    loss, stats = gsl.group_softmax_loss_and_statistics(
+        x, w, b, target, groups, generator=torch.Generator().manual_seed(3), **options)
+    # The same random partition: the same generator state for each call.
+    alone = group_softmax_loss(x, w, b, target, groups, generator=torch.Generator().manual_seed(3), **options)
+    reference = gsl.grouping_statistics(x, w, b, target, groups, generator=torch.Generator().manual_seed(3),
+                                        **options)
+    assert_same_value_and_grads(loss, alone, params(x, w, b))
+    for got, want in zip(stats, reference):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert not got.requires_grad

@@ -337,10 +337,11 @@ class _GroupSoftmaxResult:
                             ) -> Tuple[torch.Tensor, Dict[str, Any]]:
         if not isinstance(output, GroupSoftmaxOutput):
             raise _not_group_output()
-        loss = self.criterion(output, target)
         extra: Dict[str, Any] = {'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
-        if self.grouping_statistics:
-            extra['grouping_statistics'] = self.criterion.statistics(output, target)
+        if self.grouping_statistics:  # one grouping for the loss and its statistics
+            loss, extra['grouping_statistics'] = self.criterion.loss_and_statistics(output, target)
+        else:
+            loss = self.criterion(output, target)
         return loss, extra
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    'group_softmax_loss_and_statistics',
     'LOSS_TYPES',
     'GROUPINGS',
     'discriminativity',
@@ -480,6 +481,37 @@ def group_softmax_loss(
         >>> y = torch.randint(0, 10, (8,))
         >>> loss = group_softmax_loss(x, W, b, y, groups=4, loss_type='II')
     """
+    loss, _ = _loss_and_statistics(features, weight, bias, target, groups, loss_type, grouping, generator,
+                                   label_smoothing, check_values, statistics=False)
+    return loss
+
+
+def group_softmax_loss_and_statistics(
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        target: torch.Tensor,
+        groups: int,
+        loss_type: str = 'II',
+        grouping: Grouping = 'discriminative',
+        generator: Optional[torch.Generator] = None,
+        label_smoothing: float = 0.0,
+        check_values: Optional[bool] = None,
+) -> Tuple[torch.Tensor, 'GroupingStatistics']:
+    """:func:`group_softmax_loss` and the :class:`GroupingStatistics` of the same grouping, in one pass.
+
+    The grouping and the group logits are computed once for both (for ``grouping='random'`` the statistics
+    describe the very partition the loss used). Arguments as in :func:`group_softmax_loss`.
+
+    Returns:
+        ``(loss, statistics)``: the scalar loss (with autograd) and the batch's grouping statistics (detached).
+    """
+    return _loss_and_statistics(features, weight, bias, target, groups, loss_type, grouping, generator,
+                                label_smoothing, check_values, statistics=True)
+
+
+def _loss_and_statistics(features, weight, bias, target, groups, loss_type, grouping, generator, label_smoothing,
+                         check_values, statistics: bool):
     _check_inputs(features, weight, bias, target, check_values)
     check_groups(groups, features.shape[1])
     loss_type = check_loss_type(loss_type)
@@ -489,7 +521,11 @@ def group_softmax_loss(
         raise ValueError("label_smoothing applies to class-index targets; soft targets already carry it.")
     assignment = make_assignment(features, weight, target, groups, grouping, generator)
     logits = group_logits(features, weight, bias, assignment, groups)
-    return group_cross_entropy(logits, target, loss_type, label_smoothing).mean()
+    per_group = _per_group_cross_entropy(logits, target, loss_type, label_smoothing)
+    loss = (per_group.mean(1) if loss_type == 'I' else per_group.sum(1)).mean()
+    if not statistics:
+        return loss, None
+    return loss, _statistics(features.detach(), assignment, per_group.detach(), groups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +575,13 @@ def grouping_statistics(
     assignment = make_assignment(features, weight, target, groups, grouping, generator)
     logits = group_logits(features, weight, bias, assignment, groups)
     per_group = _per_group_cross_entropy(logits, target, check_loss_type(loss_type), label_smoothing)
+    return _statistics(features, assignment, per_group, groups)
+
+
+def _statistics(features: torch.Tensor, assignment: torch.Tensor, per_group: torch.Tensor,
+                groups: int) -> GroupingStatistics:
     nonzero = (features != 0).to(torch.float32)
+    assignment = assignment.expand(features.shape[0], -1) if assignment.dim() == 1 else assignment
     counts = torch.zeros(features.shape[0], groups, device=features.device).scatter_add_(1, assignment, nonzero)
     return GroupingStatistics(
         zero_fraction=1.0 - nonzero.mean(),

@@ -1,14 +1,14 @@
 """``GroupSoftmaxLoss``: the group softmax loss as an ``nn.Module`` criterion."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .functional import (
     GROUPINGS, GroupingStatistics, check_groups, check_grouping, check_loss_type, group_softmax_loss,
-    grouping_statistics)
+    group_softmax_loss_and_statistics, grouping_statistics)
 from .head import GroupSoftmaxOutput
 
 __all__ = ['GroupSoftmaxLoss']
@@ -89,6 +89,22 @@ class GroupSoftmaxLoss(nn.Module):
         """
         features, weight, bias = self._classifier(output, weight, bias)
         return grouping_statistics(
+            features, weight, bias, target, self.groups,
+            loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
+
+    def loss_and_statistics(
+            self,
+            output: Union[GroupSoftmaxOutput, torch.Tensor],
+            target: torch.Tensor,
+            weight: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, GroupingStatistics]:
+        """:meth:`forward` and :meth:`statistics` from one grouping and one group-logit pass.
+
+        See :func:`timm_gsl.functional.group_softmax_loss_and_statistics`.
+        """
+        features, weight, bias = self._classifier(output, weight, bias)
+        return group_softmax_loss_and_statistics(
             features, weight, bias, target, self.groups,
             loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
 

@@ -72,8 +72,8 @@ class GroupSoftmaxTask(ClassificationTask):
         verbose: log the criterion.
         grouping_statistics: also measure how the criterion groups each batch (a
             :class:`timm_gsl.functional.GroupingStatistics` under ``'grouping_statistics'`` in the result;
-            needs a :class:`GroupSoftmaxLoss` criterion). It costs one more grouping and group-logit pass of the
-            classifier, without autograd.
+            needs a :class:`GroupSoftmaxLoss` criterion). Measured from the loss's own grouping and group logits
+            (:meth:`GroupSoftmaxLoss.loss_and_statistics`), so it adds only a count of nonzero features.
 
     The result of ``task(input, target)`` holds ``loss`` (the group loss), ``output`` (the logits)
     and ``softmax_loss`` (the ordinary softmax cross-entropy of the same logits and targets,
@@ -116,9 +116,13 @@ class GroupSoftmaxTask(ClassificationTask):
             raise RuntimeError(
                 "GroupSoftmaxTask: the model returned plain logits; call task.train() before a training step "
                 "(in eval mode use task.get_eval_model()).")
-        loss = self.criterion(output, target)
+        statistics = None
+        if self.grouping_statistics:  # one grouping for the loss and its statistics
+            loss, statistics = self.criterion.loss_and_statistics(output, target)
+        else:
+            loss = self.criterion(output, target)
         result = {'loss': loss, 'output': output.logits,
                   'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
         if self.grouping_statistics:
-            result['grouping_statistics'] = self.criterion.statistics(output, target)
+            result['grouping_statistics'] = statistics
         return result
