@@ -356,8 +356,6 @@ def model_card(
     Returns:
         The card's text.
     """
-    from huggingface_hub import EvalResult, ModelCardData
-
     if repo_id:
         load_name = f'hf-hub:{repo_id}' + (f'@{revision}' if revision and revision != 'main' else '')
         title = repo_id.split('/')[-1]
@@ -369,15 +367,36 @@ def model_card(
     args = checkpoint.args
     final, rows = _evaluation(checkpoint)
     data_name, hub_dataset = _data_description(args)
-    architecture = config['architecture']
-    num_classes = config['num_classes']
+    conditions = _conditions(args, config['num_classes'])
+    split = args.get('val_split') or 'validation'
+    base = base_model(args)
+    metadata = _card_metadata(config, final, data_name, hub_dataset, conditions, split, license, base, title)
+    lines = ['---', metadata, '---', '', f'# {title}', '']
+    lines += _card_details(checkpoint, model, config, load_name, base)
+    lines += _card_training(args, data_name, conditions, split)
+    lines += _card_evaluation(final, rows, learning_curves)
+    lines += _card_usage(args, config, load_name, data_name)
+    if training_command is not None:
+        lines += ['## Training command', '', '```bash', training_command(args), '```', '']
+    lines += ['## Citation', '', '```bibtex', CITATION, '```', '']
+    return '\n'.join(lines)
+
+
+def _conditions(args: Dict[str, Any], num_classes: int) -> str:
+    """The data conditions in words: classes (and the subset drawn), training images per class."""
     subset = args.get('class_subset')
     conditions = f'{num_classes} classes'
     if subset not in (None, ''):
         conditions += f' (class subset {subset!r} drawn with seed {args.get("seed")})'
     per_class = args.get('samples_per_class')
-    conditions += f', {per_class} training images per class' if per_class else ', every training image'
-    split = args.get('val_split') or 'validation'
+    return conditions + (f', {per_class} training images per class' if per_class else ', every training image')
+
+
+def _card_metadata(config: Dict[str, Any], final: Dict[str, float], data_name: str, hub_dataset: Optional[str],
+                   conditions: str, split: str, license: str, base: Optional[str], title: str) -> str:
+    """The card's YAML header: library, license, tags, dataset, base model and the model-index results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     eval_results = []
     for key, name in (('top1', 'Top-1 accuracy'), ('top5', 'Top-5 accuracy')):
         if key in final:
@@ -389,18 +408,21 @@ def model_card(
     tags = ['image-classification', 'timm', 'group-softmax-loss', 'timm-gsl']
     if transformers_loads(config):
         tags.append('transformers')
-    base = base_model(args)
     card_data = ModelCardData(
         library_name='timm', license=license, tags=tags, pipeline_tag='image-classification',
         datasets=[hub_dataset] if hub_dataset else None, base_model=base, model_name=title,
         eval_results=eval_results or None)
-    loss = args.get('loss', 'gsl')
-    pre = config['pretrained_cfg']
+    return card_data.to_yaml()
+
+
+def _card_details(checkpoint: TrainingCheckpoint, model: nn.Module, config: Dict[str, Any], load_name: str,
+                  base: Optional[str]) -> List[str]:
+    """What the model is: the introduction and the model details."""
+    architecture, pre = config['architecture'], config['pretrained_cfg']
     input_size = [int(s) for s in pre['input_size']]
     params = sum(p.numel() for p in model.parameters())
+    labels = f' ({", ".join(map(str, config["label_names"]))})' if config.get('label_names') else ''
     lines = [
-        '---', card_data.to_yaml(), '---', '',
-        f'# {title}', '',
         f'A timm `{architecture}` image classifier trained with the group softmax loss with discriminative '
         'feature grouping (Kobayashi, WACV 2021) using timm-gsl. '
         'The loss only shapes training: the model predicts with its ordinary linear classifier, so it is a '
@@ -408,16 +430,21 @@ def model_card(
         f'`timm.create_model({load_name!r}, pretrained=True)`.', '',
         '## Model details', '',
         f'- **Architecture:** `{architecture}` ({params / 1e6:.2f}M parameters)',
-        f'- **Classes:** {num_classes}'
-        + (f' ({", ".join(map(str, config["label_names"]))})' if config.get('label_names') else ''),
+        f'- **Classes:** {config["num_classes"]}{labels}',
         f'- **Input:** {"x".join(map(str, input_size))}, mean {pre.get("mean")}, std {pre.get("std")}, '
         f'crop {pre.get("crop_pct")} ({pre.get("interpolation")})',
         f'- **Weights:** {"EMA weights" if checkpoint.used_ema else "model weights"} after epoch '
-        f'{checkpoint.epoch} (the best by {args.get("eval_metric", "top1")})',
+        f'{checkpoint.epoch} (the best by {checkpoint.args.get("eval_metric", "top1")})',
     ]
     if base:
         lines.append(f'- **Started from:** [{base}]({hub_url(base)})')
-    lines += ['', '## Training loss', '']
+    return lines + ['']
+
+
+def _card_training(args: Dict[str, Any], data_name: str, conditions: str, split: str) -> List[str]:
+    """How it was trained: the loss (and the teacher it was distilled from) and the data."""
+    loss = args.get('loss', 'gsl')
+    lines = ['## Training loss', '']
     if loss == 'gsl':
         lines += [
             f'- **Loss:** group softmax loss, Type-{args.get("gsl_type")}',
@@ -427,13 +454,21 @@ def model_card(
         ]
     else:
         lines += [f'- **Loss:** `{loss}` (a baseline run, not the group softmax loss)']
-    lines += [
+    if args.get('kd_model_name'):
+        lines.append(f'- **Distilled from:** `{args["kd_model_name"]}` ({args.get("kd_distill_type", "logit")} '
+                     f'distillation, the loss above as the task loss)')
+    return lines + [
         '', '## Training data', '',
         f'- **Dataset:** {data_name}',
         f'- **Conditions:** {conditions}',
         f'- **Evaluated on:** the `{split}` split, same classes',
-        '', '## Evaluation', '',
+        '',
     ]
+
+
+def _card_evaluation(final: Dict[str, float], rows: List[Dict[str, str]], learning_curves: bool) -> List[str]:
+    """The final metrics, every evaluated epoch, and the learning curves."""
+    lines = ['## Evaluation', '']
     if final:
         lines += ['| metric | value |', '|---|---|']
         lines += [f'| {name} | {_fmt(final[key])} |' for key, name in
@@ -452,6 +487,14 @@ def model_card(
         lines += ['No evaluation was recorded with this checkpoint.', '']
     if learning_curves:
         lines += ['## Learning curves', '', f'![Learning curves]({CURVES_FILE})', '']
+    return lines
+
+
+def _card_usage(args: Dict[str, Any], config: Dict[str, Any], load_name: str, data_name: str) -> List[str]:
+    """How to use it: the Python snippet, the validate.py command, a fine-tuning command."""
+    loss, subset = args.get('loss', 'gsl'), args.get('class_subset')
+    input_size = [int(s) for s in config['pretrained_cfg']['input_size']]
+    num_classes = config['num_classes']
     validate = ['python', 'validate.py', '--model', load_name]
     if not gsl_data.is_embedded(args.get('dataset') or ''):
         validate += ['--dataset', args.get('dataset') or '', '--data-dir', str(args.get('data_dir') or 'DIR')]
@@ -466,7 +509,7 @@ def model_card(
     else:
         finetune += ['--loss', str(loss)]
     image_mode = _IMAGE_MODES.get(input_size[0], 'RGB')
-    lines += [
+    return [
         '## Usage', '',
         f'The model takes {"x".join(map(str, input_size[1:]))} {image_mode} images (the transform below resizes '
         f'and normalises any image) and tells apart the {num_classes} classes of {data_name} it was trained on.',
@@ -495,13 +538,6 @@ def model_card(
         f'input size it was trained at and with its loss settings; choose the schedule for your data:', '',
         '```bash', ' '.join(shlex.quote(w) for w in finetune), '```', '',
     ]
-    if training_command is not None:
-        lines += ['## Training command', '', '```bash', training_command(args), '```', '']
-    lines += [
-        '## Citation', '',
-        '```bibtex', CITATION, '```', '',
-    ]
-    return '\n'.join(lines)
 
 
 # Fields of timm's pretrained_cfg about where the *base architecture's* weights come from (timm's release,
