@@ -144,3 +144,24 @@ def test_weight_passed_beside_a_model_output_is_refused():
     out = make_output()
     with pytest.raises(ValueError, match='weight and bias come from the GroupSoftmaxOutput'):
         GroupSoftmaxLoss()(out, labels(), weight=out.weight)
+
+
+def test_keep_statistics_measures_the_forwards_own_grouping():
+    import timm_gsl.functional as gsl
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 16).relu(), torch.randn(5, 16), torch.randn(5)
+    y = torch.randint(0, 5, (6,))
+    criterion = GroupSoftmaxLoss(groups=4, loss_type='II', grouping='random', smoothing=0.1)
+    assert criterion.last_statistics is None
+    torch.manual_seed(7)
+    plain = criterion(x, y, weight=w, bias=b)
+    assert criterion.last_statistics is None  # off by default: nothing measured
+    criterion.keep_statistics = True
+    torch.manual_seed(7)  # the same random partition as the plain call
+    loss = criterion(x, y, weight=w, bias=b)
+    torch.testing.assert_close(loss, plain)
+    torch.manual_seed(7)
+    expected = gsl.grouping_statistics(x, w, b, y, 4, 'II', 'random', label_smoothing=0.1)
+    for got, want in zip(criterion.last_statistics, expected):
+        torch.testing.assert_close(got, want)
+    assert float(criterion.last_statistics.group_loss.sum()) == pytest.approx(float(loss), rel=1e-6)

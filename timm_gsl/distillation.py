@@ -50,7 +50,7 @@ from .head import (
     unconvert_model)
 from .loss import GroupSoftmaxLoss
 from .loss_factory import LOSS_TYPES, create_classification_loss
-from .task import group_softmax_criterion, plain_softmax_loss
+from .task import group_softmax_criterion, measured_loss, plain_softmax_loss
 
 __all__ = [
     'DISTILL_TYPES',
@@ -338,10 +338,9 @@ class _GroupSoftmaxResult:
         if not isinstance(output, GroupSoftmaxOutput):
             raise _not_group_output()
         extra: Dict[str, Any] = {'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
-        if self.grouping_statistics:  # one grouping for the loss and its statistics
-            loss, extra['grouping_statistics'] = self.criterion.loss_and_statistics(output, target)
-        else:
-            loss = self.criterion(output, target)
+        loss, statistics = measured_loss(self.criterion, output, target, self.grouping_statistics)
+        if self.grouping_statistics:
+            extra['grouping_statistics'] = statistics
         return loss, extra
 
 
@@ -372,6 +371,8 @@ class GroupSoftmaxLogitDistillationTask(_GroupSoftmaxResult, LogitDistillationTa
         convert_model(unwrap_model(student_model))
         super().__init__(student_model, teacher_model, criterion=criterion, **kwargs)
         self.grouping_statistics = grouping_statistics
+        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
+            self.criterion.keep_statistics = True
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         """Group softmax loss and logit distillation.
@@ -458,6 +459,8 @@ class GroupSoftmaxFeatureDistillationTask(_GroupSoftmaxResult, FeatureDistillati
         self.trainable_module = _GroupSoftmaxFeatureModule(self.trainable_module.student,
                                                            self.trainable_module.projection)
         self.grouping_statistics = grouping_statistics
+        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
+            self.criterion.keep_statistics = True
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         """Group softmax loss and feature distillation.
@@ -582,6 +585,8 @@ class GroupSoftmaxTokenDistillationTask(_GroupSoftmaxResult, TokenDistillationTa
             _MainHeadCapture(student)
         super().__init__(student_model, teacher_model, criterion=criterion, **kwargs)
         self.grouping_statistics = grouping_statistics
+        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
+            self.criterion.keep_statistics = True
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         """Group softmax loss on the main head and distillation on the distillation head.

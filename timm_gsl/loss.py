@@ -1,7 +1,7 @@
 """``GroupSoftmaxLoss``: the group softmax loss as an ``nn.Module`` criterion."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,10 @@ class GroupSoftmaxLoss(nn.Module):
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be a float in [0, 1), got {smoothing!r}.")
         self.smoothing = float(smoothing)
+        # With keep_statistics, every forward also measures its grouping (from the same grouping and group
+        # logits as the loss) into last_statistics; GroupSoftmaxTask(grouping_statistics=True) sets it.
+        self.keep_statistics = False
+        self.last_statistics: Optional[GroupingStatistics] = None
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, loss_type='{self.loss_type}', grouping='{self.grouping}', smoothing={self.smoothing}"
@@ -70,11 +74,17 @@ class GroupSoftmaxLoss(nn.Module):
             target: B class indices or B x C soft targets.
             weight: C x D classifier weight, with plain-tensor features only.
             bias: C classifier bias, with plain-tensor features only.
+
+        With ``keep_statistics`` set, the batch's :class:`~timm_gsl.functional.GroupingStatistics` (from this very
+        grouping) are left in ``last_statistics``.
         """
         features, weight, bias = self._classifier(output, weight, bias)
-        return group_softmax_loss(
-            features, weight, bias, target, self.groups,
-            loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
+        options = dict(loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
+        if not self.keep_statistics:
+            return group_softmax_loss(features, weight, bias, target, self.groups, **options)
+        loss, self.last_statistics = group_softmax_loss_and_statistics(
+            features, weight, bias, target, self.groups, **options)
+        return loss
 
     def statistics(
             self,
@@ -89,22 +99,6 @@ class GroupSoftmaxLoss(nn.Module):
         """
         features, weight, bias = self._classifier(output, weight, bias)
         return grouping_statistics(
-            features, weight, bias, target, self.groups,
-            loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
-
-    def loss_and_statistics(
-            self,
-            output: Union[GroupSoftmaxOutput, torch.Tensor],
-            target: torch.Tensor,
-            weight: Optional[torch.Tensor] = None,
-            bias: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, GroupingStatistics]:
-        """:meth:`forward` and :meth:`statistics` from one grouping and one group-logit pass.
-
-        See :func:`timm_gsl.functional.group_softmax_loss_and_statistics`.
-        """
-        features, weight, bias = self._classifier(output, weight, bias)
-        return group_softmax_loss_and_statistics(
             features, weight, bias, target, self.groups,
             loss_type=self.loss_type, grouping=self.grouping, label_smoothing=self._smoothing_for(target))
 

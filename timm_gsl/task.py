@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ from .head import GroupSoftmaxOutput, convert_model
 from .loss import GroupSoftmaxLoss
 from .loss_factory import create_classification_loss
 
-__all__ = ['GroupSoftmaxTask', 'group_softmax_criterion', 'plain_softmax_loss']
+__all__ = ['GroupSoftmaxTask', 'group_softmax_criterion', 'measured_loss', 'plain_softmax_loss']
 
 _logger = logging.getLogger(__name__)
 
@@ -53,6 +53,20 @@ def plain_softmax_loss(criterion: Any, logits: torch.Tensor, target: torch.Tenso
     return -(soft.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).mean()
 
 
+def measured_loss(criterion: Any, output: GroupSoftmaxOutput, target: torch.Tensor,
+                  statistics: bool) -> Tuple[torch.Tensor, Optional[Any]]:
+    """``criterion(output, target)`` and, when asked, the grouping statistics its forward measured on the way.
+
+    The criterion is called as a module (hooks and patches of its ``forward`` apply); with ``keep_statistics``
+    a :class:`GroupSoftmaxLoss` measures its grouping from the very grouping and group logits of the loss.
+    """
+    if not statistics:
+        return criterion(output, target), None
+    criterion.last_statistics = None
+    loss = criterion(output, target)
+    return loss, criterion.last_statistics
+
+
 class GroupSoftmaxTask(ClassificationTask):
     """Supervised classification trained with the group softmax loss.
 
@@ -73,7 +87,7 @@ class GroupSoftmaxTask(ClassificationTask):
         grouping_statistics: also measure how the criterion groups each batch (a
             :class:`timm_gsl.functional.GroupingStatistics` under ``'grouping_statistics'`` in the result;
             needs a :class:`GroupSoftmaxLoss` criterion). Measured from the loss's own grouping and group logits
-            (:meth:`GroupSoftmaxLoss.loss_and_statistics`), so it adds only a count of nonzero features.
+            (``GroupSoftmaxLoss.keep_statistics``), so it adds only a count of nonzero features.
 
     The result of ``task(input, target)`` holds ``loss`` (the group loss), ``output`` (the logits)
     and ``softmax_loss`` (the ordinary softmax cross-entropy of the same logits and targets,
@@ -100,6 +114,8 @@ class GroupSoftmaxTask(ClassificationTask):
         convert_model(model)
         super().__init__(model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
         self.grouping_statistics = grouping_statistics
+        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
+            self.criterion.keep_statistics = True
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Forward pass and group softmax loss.
@@ -116,11 +132,7 @@ class GroupSoftmaxTask(ClassificationTask):
             raise RuntimeError(
                 "GroupSoftmaxTask: the model returned plain logits; call task.train() before a training step "
                 "(in eval mode use task.get_eval_model()).")
-        statistics = None
-        if self.grouping_statistics:  # one grouping for the loss and its statistics
-            loss, statistics = self.criterion.loss_and_statistics(output, target)
-        else:
-            loss = self.criterion(output, target)
+        loss, statistics = measured_loss(self.criterion, output, target, self.grouping_statistics)
         result = {'loss': loss, 'output': output.logits,
                   'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
         if self.grouping_statistics:
