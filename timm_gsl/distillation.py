@@ -50,7 +50,7 @@ from .head import (
     unconvert_model)
 from .loss import GroupSoftmaxLoss
 from .loss_factory import LOSS_TYPES, create_classification_loss
-from .task import group_softmax_criterion, measured_loss, plain_softmax_loss
+from .task import group_softmax_criterion, group_softmax_parts, track_grouping_statistics
 
 __all__ = [
     'DISTILL_TYPES',
@@ -337,11 +337,7 @@ class _GroupSoftmaxResult:
                             ) -> Tuple[torch.Tensor, Dict[str, Any]]:
         if not isinstance(output, GroupSoftmaxOutput):
             raise _not_group_output()
-        extra: Dict[str, Any] = {'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
-        loss, statistics = measured_loss(self.criterion, output, target, self.grouping_statistics)
-        if self.grouping_statistics:
-            extra['grouping_statistics'] = statistics
-        return loss, extra
+        return group_softmax_parts(self.criterion, output, target, self.grouping_statistics)
 
 
 class GroupSoftmaxLogitDistillationTask(_GroupSoftmaxResult, LogitDistillationTask):
@@ -370,9 +366,7 @@ class GroupSoftmaxLogitDistillationTask(_GroupSoftmaxResult, LogitDistillationTa
         criterion = group_softmax_criterion(criterion, criterion_kwargs, grouping_statistics)
         convert_model(unwrap_model(student_model))
         super().__init__(student_model, teacher_model, criterion=criterion, **kwargs)
-        self.grouping_statistics = grouping_statistics
-        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
-            self.criterion.keep_statistics = True
+        track_grouping_statistics(self, grouping_statistics)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         """Group softmax loss and logit distillation.
@@ -458,9 +452,7 @@ class GroupSoftmaxFeatureDistillationTask(_GroupSoftmaxResult, FeatureDistillati
         super().__init__(student_model, teacher_model, criterion=criterion, student_feature_dim=dim, **kwargs)
         self.trainable_module = _GroupSoftmaxFeatureModule(self.trainable_module.student,
                                                            self.trainable_module.projection)
-        self.grouping_statistics = grouping_statistics
-        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
-            self.criterion.keep_statistics = True
+        track_grouping_statistics(self, grouping_statistics)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         """Group softmax loss and feature distillation.
@@ -584,9 +576,7 @@ class GroupSoftmaxTokenDistillationTask(_GroupSoftmaxResult, TokenDistillationTa
         if _find_capture(student) is None:
             _MainHeadCapture(student)
         super().__init__(student_model, teacher_model, criterion=criterion, **kwargs)
-        self.grouping_statistics = grouping_statistics
-        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
-            self.criterion.keep_statistics = True
+        track_grouping_statistics(self, grouping_statistics)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
         """Group softmax loss on the main head and distillation on the distillation head.

@@ -14,7 +14,7 @@ from .head import GroupSoftmaxOutput, convert_model
 from .loss import GroupSoftmaxLoss
 from .loss_factory import create_classification_loss
 
-__all__ = ['GroupSoftmaxTask', 'group_softmax_criterion', 'measured_loss', 'plain_softmax_loss']
+__all__ = ['GroupSoftmaxTask', 'group_softmax_criterion', 'group_softmax_parts', 'track_grouping_statistics', 'plain_softmax_loss']
 
 _logger = logging.getLogger(__name__)
 
@@ -53,18 +53,31 @@ def plain_softmax_loss(criterion: Any, logits: torch.Tensor, target: torch.Tenso
     return -(soft.to(logits.dtype) * F.log_softmax(logits, -1)).sum(-1).mean()
 
 
-def measured_loss(criterion: Any, output: GroupSoftmaxOutput, target: torch.Tensor,
-                  statistics: bool) -> Tuple[torch.Tensor, Optional[Any]]:
-    """``criterion(output, target)`` and, when asked, the grouping statistics its forward measured on the way.
+def group_softmax_parts(criterion: Any, output: GroupSoftmaxOutput, target: torch.Tensor,
+                        statistics: bool) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The group softmax loss of a step and what a task reports beside it.
 
-    The criterion is called as a module (hooks and patches of its ``forward`` apply); with ``keep_statistics``
-    a :class:`GroupSoftmaxLoss` measures its grouping from the very grouping and group logits of the loss.
+    The criterion is called as a module (hooks and patches of its ``forward`` apply); with ``statistics`` the
+    :class:`GroupSoftmaxLoss` measures its grouping in that same forward (``keep_statistics``).
+
+    Returns:
+        ``(loss, extra)``: ``extra`` holds ``softmax_loss`` (:func:`plain_softmax_loss`) and, with
+        ``statistics``, ``grouping_statistics``.
     """
-    if not statistics:
-        return criterion(output, target), None
-    criterion.last_statistics = None
+    if statistics:
+        criterion.last_statistics = None
     loss = criterion(output, target)
-    return loss, criterion.last_statistics
+    extra: Dict[str, Any] = {'softmax_loss': plain_softmax_loss(criterion, output.logits, target)}
+    if statistics:
+        extra['grouping_statistics'] = criterion.last_statistics
+    return loss, extra
+
+
+def track_grouping_statistics(task: Any, on: bool) -> None:
+    """Set ``task.grouping_statistics`` and have its criterion measure them in its forward when ``on``."""
+    task.grouping_statistics = on
+    if on:
+        task.criterion.keep_statistics = True
 
 
 class GroupSoftmaxTask(ClassificationTask):
@@ -113,9 +126,7 @@ class GroupSoftmaxTask(ClassificationTask):
         criterion = group_softmax_criterion(criterion, criterion_kwargs, grouping_statistics)
         convert_model(model)
         super().__init__(model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
-        self.grouping_statistics = grouping_statistics
-        if grouping_statistics:  # measured by the loss's own forward, from the loss's grouping
-            self.criterion.keep_statistics = True
+        track_grouping_statistics(self, grouping_statistics)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Forward pass and group softmax loss.
@@ -132,9 +143,5 @@ class GroupSoftmaxTask(ClassificationTask):
             raise RuntimeError(
                 "GroupSoftmaxTask: the model returned plain logits; call task.train() before a training step "
                 "(in eval mode use task.get_eval_model()).")
-        loss, statistics = measured_loss(self.criterion, output, target, self.grouping_statistics)
-        result = {'loss': loss, 'output': output.logits,
-                  'softmax_loss': plain_softmax_loss(self.criterion, output.logits, target)}
-        if self.grouping_statistics:
-            result['grouping_statistics'] = statistics
-        return result
+        loss, extra = group_softmax_parts(self.criterion, output, target, self.grouping_statistics)
+        return dict({'loss': loss, 'output': output.logits}, **extra)
