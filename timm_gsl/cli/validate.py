@@ -463,8 +463,14 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
     device, model_dtype, autocast = _set_up(args)
-    model = _create_model(args, checkpoint)
-    del checkpoint
+    model = _create_model(args)
+    if checkpoint is not None:
+        _check_weights_fit(model, args, checkpoint)
+    del checkpoint  # before load_checkpoint reads the file again: one copy in memory at a time
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint, args.use_ema)
+    if args.reparam:
+        model = reparameterize_model(model)
     param_count = sum(p.numel() for p in model.parameters())
     _logger.info(f'Model {args.model} created, param count: {param_count}')
     model, data_config, test_time_pool = _prepare_model(model, args, device, model_dtype)
@@ -503,8 +509,8 @@ def _set_up(args: argparse.Namespace):
     return device, model_dtype, autocast
 
 
-def _create_model(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> nn.Module:
-    """The model with its weights (the checkpoint's, checked to fit, or the pretrained ones)."""
+def _create_model(args: argparse.Namespace) -> nn.Module:
+    """The model (with its pretrained weights when no --checkpoint is given); fills in --num-classes."""
     try:
         model = create_model(**resolve_model_input_args(
             args.model,
@@ -526,22 +532,15 @@ def _create_model(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]
         if not hasattr(model, 'num_classes'):
             raise ValueError(f'--num-classes is needed: model {args.model!r} has no num_classes attribute.')
         args.num_classes = model.num_classes
-    if args.checkpoint:
-        if checkpoint is not None:
-            # Other names or shapes: one line naming the first mismatches, not load_state_dict's page of keys.
-            weights = checkpoint
-            if args.use_ema and isinstance(checkpoint.get('state_dict_ema'), dict):
-                weights = dict(state_dict=checkpoint['state_dict_ema'], arch=checkpoint.get('arch'))
-            check_checkpoint_fits(weights, model, args.model, '--checkpoint', args.checkpoint)
-        load_checkpoint(model, args.checkpoint, args.use_ema)
-    if args.reparam:
-        model = reparameterize_model(model)
-    param_count = sum(p.numel() for p in model.parameters())
-    _logger.info(f'Model {args.model} created, param count: {param_count}')
-
-    if args.reparam:
-        model = reparameterize_model(model)
     return model
+
+
+def _check_weights_fit(model: nn.Module, args: argparse.Namespace, checkpoint: Dict[str, Any]) -> None:
+    """Other names or shapes: one line naming the first mismatches, not load_state_dict's page of keys."""
+    weights = checkpoint
+    if args.use_ema and isinstance(checkpoint.get('state_dict_ema'), dict):
+        weights = dict(state_dict=checkpoint['state_dict_ema'], arch=checkpoint.get('arch'))
+    check_checkpoint_fits(weights, model, args.model, '--checkpoint', args.checkpoint)
 
 
 def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device,
