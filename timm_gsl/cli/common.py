@@ -244,3 +244,16 @@ def repo_id_type(value: str) -> str:
         return check_repo_id(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
+
+
+def setup_logging() -> None:
+    """INFO-level logging for a command, as timm sets it up, without stacking handlers.
+
+    timm's setup adds a console handler on every call (bound to the stderr of that moment): one is added only
+    when nothing is configured, so that calling a command's main() again (tests, notebooks) does not stack them.
+    """
+    if not logging.root.handlers:
+        from timm.utils import setup_default_logging
+        setup_default_logging()
+    elif logging.root.level > logging.INFO or logging.root.level == logging.NOTSET:
+        logging.root.setLevel(logging.INFO)

@@ -43,7 +43,7 @@ from ..engine import train_one_epoch, write_text_atomic
 from ..hub import HubPublishError, push_checkpoint
 from ..loss_factory import GSL_AUTO_THRESHOLD, resolve_gsl_type
 from ..naflex import check_naflex_model, set_naflex_epoch
-from .common import exit_with_error, resolve_device
+from .common import exit_with_error, resolve_device, setup_logging
 from .flags import input_channels
 from .train_build import Datasets, Loaders, Precision, Settings, adapt_batch_norm, build_datasets, build_loaders
 from .train_build import build_model, build_naflex_loaders, build_precision, build_schedule, build_settings
@@ -441,14 +441,6 @@ def publish_run(args: argparse.Namespace, output_dir: str) -> str:
 # main
 # ----------------------------------------------------------------------------------------------
 
-def _setup_logging() -> None:
-    # timm's setup adds a handler on every call; add one only when nothing is configured.
-    if not logging.root.handlers:
-        utils.setup_default_logging()
-    elif logging.root.level > logging.INFO or logging.root.level == logging.NOTSET:
-        logging.root.setLevel(logging.INFO)
-
-
 def resolve_args(args: argparse.Namespace, explicit) -> None:
     """The parse step's last part: the no-data-flags recipe and the device (with its CUDA-to-CPU fallback).
 
@@ -481,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model timm does not have, a missing or unreadable file) exits with status 2 and one line,
         ``train.py: error: <message>``, before any dataset is read or anything is written.
     """
-    _setup_logging()
+    setup_logging()
     args, explicit = parse_args(argv)
     try:
         resolve_args(args, explicit)

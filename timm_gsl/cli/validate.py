@@ -52,7 +52,6 @@ from timm.utils import (
     random_seed,
     reparameterize_model,
     set_jit_fuser,
-    setup_default_logging,
 )
 
 from .. import data as gsl_data
@@ -60,7 +59,7 @@ from ..engine import check_checkpoint_fits, read_checkpoint, write_text_atomic
 from ..naflex import is_naflex_batch, prepare_naflex_input
 from .common import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
 from .common import check_model_name, check_pretrained_weights, exit_with_error, explicit_dests, one_line
-from .common import resolve_device
+from .common import resolve_device, setup_logging
 from .flags import add_dataset_flags, add_device_flags, add_loader_flags, add_model_flags, add_naflex_flags
 from .flags import class_subset_value, dataset_root
 
@@ -767,15 +766,6 @@ def write_results(
     write_text_atomic(path, text)
 
 
-def _setup_logging() -> None:
-    # timm's setup adds a console handler on every call (bound to the stderr of that moment): add one only
-    # when nothing is configured, so that calling main() again (tests, notebooks) does not stack them.
-    if not logging.root.handlers:
-        setup_default_logging()
-    elif logging.root.level > logging.INFO or logging.root.level == logging.NOTSET:
-        logging.root.setLevel(logging.INFO)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
     """Command-line entry: validate, write ``--results-file``, print ``--result`` and the JSON results.
 
@@ -788,7 +778,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Union[Dict[str, Any], List[Dic
         or combination, a model timm does not have, a missing or unreadable file) exits with status 2 and
         one line, ``validate.py: error: <message>``, before anything is evaluated or written.
     """
-    _setup_logging()
+    setup_logging()
     args = parse_args(argv)
     try:
         return _main(args)
