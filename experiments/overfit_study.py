@@ -788,6 +788,46 @@ def comparison_stats(comparison: Comparison, by_id: Dict[str, Dict[str, Any]]) -
     return paired_stats([t for t, _ in pairs], [b for _, b in pairs])
 
 
+def paired_values(comparison: Comparison, by_id: Dict[str, Dict[str, Any]], key: str
+                  ) -> List[Tuple[int, float, float]]:
+    """(seed, treatment value, softmax value) of ``key`` for the seeds where both runs have it."""
+    rows = []
+    for seed in comparison.seeds:
+        t, b = by_id.get(comparison.treatment(seed).run_id), by_id.get(comparison.baseline(seed).run_id)
+        if t and b and t.get(key) is not None and b.get(key) is not None:
+            rows.append((seed, float(t[key]), float(b[key])))
+    return rows
+
+
+def comparison_verdict(stats: Optional[PairedStats], seeds: int, gate: str, p: Optional[float] = None,
+            alpha: float = 0.05) -> str:
+    """The plain-words outcome of one pre-registered comparison of errors (treatment minus softmax).
+
+    Args:
+        stats: its paired statistics (None: no pair yet).
+        seeds: the seeds it was planned with; fewer pairs give 'pending'.
+        gate: its gate's verdict ('pass', 'fail' or 'pending').
+        p: the p-value that decides (the Holm-adjusted one for a secondary); None: the raw paired t-test's,
+            which is below ``alpha`` exactly when the (1 - alpha) t-interval excludes zero.
+        alpha: the significance level.
+
+    Returns:
+        'does not count (gate failed)', 'pending (...)', 'lower error', 'higher error' or
+        'no difference shown'.
+    """
+    if gate == 'fail':
+        return 'does not count (gate failed)'
+    n = 0 if stats is None else stats.n
+    if n < seeds:
+        return f'pending ({n} of {seeds} seeds)'
+    if gate != 'pass':
+        return 'pending (gate)'
+    p = stats.p if p is None else p
+    if p is None or p >= alpha:
+        return 'no difference shown'
+    return 'lower error' if stats.mean < 0 else 'higher error'
+
+
 def _num(value: Optional[float], fmt: str = '.2f') -> str:
     return 'not yet run' if value is None else format(value, fmt)
 
@@ -806,6 +846,10 @@ def _p(value: Optional[float]) -> str:
 
 def _ci(s: PairedStats) -> str:
     return 'n/a' if s.ci_low is None else f'[{s.ci_low:+.2f}, {s.ci_high:+.2f}]'
+
+
+def _ci3(s: PairedStats) -> str:
+    return 'n/a' if s.ci_low is None else f'[{s.ci_low:+.3f}, {s.ci_high:+.3f}]'
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
@@ -914,17 +958,38 @@ def format_report(design: StudyDesign, records: Sequence[Dict[str, Any]]) -> str
         lines += [f'Difference ({primary.loss} minus softmax): mean {s.mean:+.2f} pp, SD {_opt(s.sd)}, 95% CI '
                   f'{_ci(s)}, wins {s.wins}/{s.n}, paired t-test p = {_p(s.p)} (n = {s.n} of '
                   f'{len(primary.seeds)} seeds).', '']
+    outcome = comparison_verdict(s, len(primary.seeds), verdicts[_gate_of(primary, gates)])
+    if outcome.startswith(('pending', 'does not')):
+        lines += [f'Verdict: {outcome}.', '']
+    else:
+        lines += [f'Verdict (the pre-registered rule: the 95% interval excludes zero): **{primary.loss} '
+                  f'{outcome} than softmax**.' if outcome != 'no difference shown' else
+                  f'Verdict (the pre-registered rule: the 95% interval excludes zero): **{outcome}**.', '']
+    losses = paired_values(primary, by_id, 'test_loss')
+    if losses:
+        ls = paired_stats([t for _, t, _ in losses], [b for _, _, b in losses])
+        lines += [f'Not pre-registered, descriptive: the final test loss (cross-entropy of the full logits), '
+                  f'softmax {sum(b for _, _, b in losses) / len(losses):.3f}, {primary.loss} '
+                  f'{sum(t for _, t, _ in losses) / len(losses):.3f}; difference mean {ls.mean:+.3f}, 95% CI '
+                  f'{_ci3(ls)}, {primary.loss} lower on {ls.wins}/{ls.n} seeds.', '']
 
     secondary = sorted([c for c in comparisons if c.family == 'secondary'], key=lambda c: c.name)
     stats = {c.name: comparison_stats(c, by_id) for c in secondary}
     family = [c.name for c in secondary if stats[c.name] is not None and stats[c.name].n >= 2]
     holm = dict(zip(family, holm_adjust([stats[name].p for name in family])))
     header = ['comparison', 'description', 'n', 'mean diff', 'SD', '95% CI', 'wins', 'p (raw)']
+    outcomes = {c.name: comparison_verdict(stats[c.name], len(c.seeds), verdicts[_gate_of(c, gates)],
+                                           holm.get(c.name)) for c in secondary}
+    complete = all(not o.startswith('pending') for o in outcomes.values())
     lines += ['## 3. Secondary (pre-registered; Holm-Bonferroni)', '',
-              f'Holm over the {len(family)} secondaries with at least 2 paired seeds.', '',
-              *_table(header + ['p (Holm)', 'gate'],
-                      ([c.name, c.title, *_stats_cells(stats[c.name]),
-                        _p(holm.get(c.name)), _gate_cell(verdicts[_gate_of(c, gates)])] for c in secondary)), '']
+              f'Holm over the {len(family)} secondaries with at least 2 paired seeds. Verdict: the treatment\'s '
+              'error against softmax where the Holm-adjusted p is below 0.05, else "no difference shown"; '
+              + ('final (every secondary is complete).' if complete else
+                 'interim until every secondary is complete (adding comparisons can only raise an adjusted p).'),
+              '',
+              *_table(header + ['p (Holm)', 'gate', 'verdict'],
+                      ([c.name, c.title, *_stats_cells(stats[c.name]), _p(holm.get(c.name)),
+                        _gate_cell(verdicts[_gate_of(c, gates)]), outcomes[c.name]] for c in secondary)), '']
     exploratory = [c for c in comparisons if c.family == 'exploratory']
     lines += ['## 4. Exploratory (not pre-registered as a test; not in the Holm family)', '',
               *_table(header + ['gate'], ([c.name, c.title, *_stats_cells(comparison_stats(c, by_id)),

@@ -341,7 +341,12 @@ def test_report_from_synthetic_records():
     assert f'| {p1:.3g} | {h1:.3g} | pending |' in row
     row = next(line for line in secondary.splitlines() if line.startswith('| S2 |'))
     assert f'| {p2:.3g} | {h2:.3g} | pending |' in row
-    assert 'Holm over the 2 secondaries' in secondary
+    assert 'Holm over the 2 secondaries' in secondary and 'interim until every secondary is complete' in secondary
+    # Verdicts: the primary lacks seeds 3 and 4; S1 and S2 have their seeds but their gate is pending.
+    assert 'Verdict: pending (3 of 5 seeds).' in section
+    assert row.endswith('| pending | pending (gate) |')
+    # Descriptive test loss: every run's last test loss is 0.7 in these records.
+    assert 'softmax 0.700, Type-II 0.700; difference mean +0.000' in section and 'lower on 0/3 seeds' in section
     s5 = next(line for line in secondary.splitlines() if line.startswith('| S5 |'))
     assert 'not yet run' in s5 and 'does not count' in s5
     assert [line[:5] for line in secondary.splitlines() if line.startswith('| S')] == [
@@ -363,6 +368,32 @@ def test_report_with_no_runs_and_with_a_passing_gate():
     records = [_record(primary.baseline(s), 30.) for s in primary.seeds]
     text = study.format_report(DESIGN, records)
     assert 'Gate passed (recipe A (240 epochs, lr_base 0.1), 10x100): all 5 softmax runs over-fit' in text
+
+
+def test_report_states_the_primary_verdict_once_complete():
+    primary = DESIGN.comparison('primary')
+    records = []
+    for seed, (soft, t2) in enumerate([(30., 29.), (32., 30.), (31., 30.5), (30., 29.5), (31., 30.)]):
+        records += [_record(primary.baseline(seed), soft), _record(primary.treatment(seed), t2)]
+    text = study.format_report(DESIGN, records)
+    assert 'the 95% interval excludes zero): **Type-II lower error than softmax**.' in text
+    records[1] = _record(primary.treatment(0), 33.)  # one seed much worse: the interval now spans zero
+    assert '**no difference shown**' in study.format_report(DESIGN, records)
+
+
+@pytest.mark.parametrize('diffs,gate,p,expected', [
+    ([-1., -2., -1.5], 'pass', None, 'lower error'),
+    ([1., 2., 1.5], 'pass', None, 'higher error'),
+    ([-1., 1., -0.5], 'pass', None, 'no difference shown'),
+    ([-1., -2., -1.5], 'pass', 0.2, 'no difference shown'),  # a Holm-adjusted p decides when given
+    ([-1., -2.], 'pass', None, 'pending (2 of 3 seeds)'),
+    ([-1., -2., -1.5], 'pending', None, 'pending (gate)'),
+    ([-1., -2., -1.5], 'fail', None, 'does not count (gate failed)'),
+])
+def test_comparison_verdict(diffs, gate, p, expected):
+    stats = study.paired_stats([30. + d for d in diffs], [30.] * len(diffs))
+    assert study.comparison_verdict(stats, 3, gate, p) == expected
+    assert study.comparison_verdict(None, 3, 'pass') == 'pending (0 of 3 seeds)'
 
 
 def test_write_report_writes_markdown_and_plot(tmp_path):
