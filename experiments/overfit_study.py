@@ -770,14 +770,18 @@ def _error(record: Dict[str, Any]) -> Optional[float]:
     return None if record.get('test_top1') is None else 100. - float(record['test_top1'])
 
 
+def _paired_records(comparison: Comparison, by_id: Dict[str, Dict[str, Any]]
+                    ) -> List[Tuple[int, Optional[Dict[str, Any]], Optional[Dict[str, Any]]]]:
+    """(seed, treatment record, softmax record) per seed of ``comparison``; None where not run yet."""
+    return [(seed, by_id.get(comparison.treatment(seed).run_id), by_id.get(comparison.baseline(seed).run_id))
+            for seed in comparison.seeds]
+
+
 def paired_errors(comparison: Comparison, by_id: Dict[str, Dict[str, Any]]
                   ) -> List[Tuple[int, Optional[float], Optional[float]]]:
     """(seed, treatment error, softmax error) per seed of ``comparison``; None where not run yet."""
-    rows = []
-    for seed in comparison.seeds:
-        t, b = by_id.get(comparison.treatment(seed).run_id), by_id.get(comparison.baseline(seed).run_id)
-        rows.append((seed, _error(t) if t else None, _error(b) if b else None))
-    return rows
+    return [(seed, _error(t) if t else None, _error(b) if b else None)
+            for seed, t, b in _paired_records(comparison, by_id)]
 
 
 def comparison_stats(comparison: Comparison, by_id: Dict[str, Dict[str, Any]]) -> Optional[PairedStats]:
@@ -791,16 +795,12 @@ def comparison_stats(comparison: Comparison, by_id: Dict[str, Dict[str, Any]]) -
 def paired_values(comparison: Comparison, by_id: Dict[str, Dict[str, Any]], key: str
                   ) -> List[Tuple[int, float, float]]:
     """(seed, treatment value, softmax value) of ``key`` for the seeds where both runs have it."""
-    rows = []
-    for seed in comparison.seeds:
-        t, b = by_id.get(comparison.treatment(seed).run_id), by_id.get(comparison.baseline(seed).run_id)
-        if t and b and t.get(key) is not None and b.get(key) is not None:
-            rows.append((seed, float(t[key]), float(b[key])))
-    return rows
+    return [(seed, float(t[key]), float(b[key])) for seed, t, b in _paired_records(comparison, by_id)
+            if t and b and t.get(key) is not None and b.get(key) is not None]
 
 
 def comparison_verdict(stats: Optional[PairedStats], seeds: int, gate: str, p: Optional[float] = None,
-            alpha: float = 0.05) -> str:
+                       alpha: float = 0.05) -> str:
     """The plain-words outcome of one pre-registered comparison of errors (treatment minus softmax).
 
     Args:
@@ -844,12 +844,8 @@ def _p(value: Optional[float]) -> str:
     return 'n/a' if value is None else (f'{value:.3g}' if value >= 1e-4 else f'{value:.1e}')
 
 
-def _ci(s: PairedStats) -> str:
-    return 'n/a' if s.ci_low is None else f'[{s.ci_low:+.2f}, {s.ci_high:+.2f}]'
-
-
-def _ci3(s: PairedStats) -> str:
-    return 'n/a' if s.ci_low is None else f'[{s.ci_low:+.3f}, {s.ci_high:+.3f}]'
+def _ci(s: PairedStats, fmt: str = '+.2f') -> str:
+    return 'n/a' if s.ci_low is None else f'[{s.ci_low:{fmt}}, {s.ci_high:{fmt}}]'
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
@@ -959,19 +955,20 @@ def format_report(design: StudyDesign, records: Sequence[Dict[str, Any]]) -> str
                   f'{_ci(s)}, wins {s.wins}/{s.n}, paired t-test p = {_p(s.p)} (n = {s.n} of '
                   f'{len(primary.seeds)} seeds).', '']
     outcome = comparison_verdict(s, len(primary.seeds), verdicts[_gate_of(primary, gates)])
+    rule = 'Verdict (the pre-registered rule: the 95% interval excludes zero)'
     if outcome.startswith(('pending', 'does not')):
         lines += [f'Verdict: {outcome}.', '']
+    elif outcome == 'no difference shown':
+        lines += [f'{rule}: **{outcome}**.', '']
     else:
-        lines += [f'Verdict (the pre-registered rule: the 95% interval excludes zero): **{primary.loss} '
-                  f'{outcome} than softmax**.' if outcome != 'no difference shown' else
-                  f'Verdict (the pre-registered rule: the 95% interval excludes zero): **{outcome}**.', '']
+        lines += [f'{rule}: **{primary.loss} {outcome} than softmax**.', '']
     losses = paired_values(primary, by_id, 'test_loss')
     if losses:
         ls = paired_stats([t for _, t, _ in losses], [b for _, _, b in losses])
         lines += [f'Not pre-registered, descriptive: the final test loss (cross-entropy of the full logits), '
                   f'softmax {sum(b for _, _, b in losses) / len(losses):.3f}, {primary.loss} '
                   f'{sum(t for _, t, _ in losses) / len(losses):.3f}; difference mean {ls.mean:+.3f}, 95% CI '
-                  f'{_ci3(ls)}, {primary.loss} lower on {ls.wins}/{ls.n} seeds.', '']
+                  f'{_ci(ls, "+.3f")}, {primary.loss} lower on {ls.wins}/{ls.n} seeds.', '']
 
     secondary = sorted([c for c in comparisons if c.family == 'secondary'], key=lambda c: c.name)
     stats = {c.name: comparison_stats(c, by_id) for c in secondary}

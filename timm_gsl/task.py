@@ -14,7 +14,8 @@ from .head import GroupSoftmaxOutput, convert_model
 from .loss import GroupSoftmaxLoss
 from .loss_factory import create_classification_loss
 
-__all__ = ['GroupSoftmaxTask', 'group_softmax_criterion', 'group_softmax_parts', 'track_grouping_statistics', 'plain_softmax_loss']
+__all__ = ['GroupSoftmaxTask', 'group_softmax_criterion', 'group_softmax_parts', 'plain_softmax_loss',
+           'track_grouping_statistics']
 
 _logger = logging.getLogger(__name__)
 

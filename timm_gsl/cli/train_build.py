@@ -362,8 +362,8 @@ def build_task(args: argparse.Namespace, settings: Settings, model: nn.Module, d
             student_feature_dim=args.kd_student_feature_dim, teacher_feature_dim=args.kd_teacher_feature_dim,
             token_distill_type=args.kd_token_distill_type, num_classes=settings.num_classes,
             in_chans=input_channels(args), teacher_pretrained_path=args.kd_pretrained_path,
-            input_mean=data_config['mean'], input_std=data_config['std'], device=device, dtype=model_dtype, grouping_statistics=loss == 'gsl',
-            verbose=settings.primary)
+            input_mean=data_config['mean'], input_std=data_config['std'], device=device, dtype=model_dtype,
+            grouping_statistics=loss == 'gsl', verbose=settings.primary)
     if loss == 'gsl':
         return GroupSoftmaxTask(model, criterion=criterion, device=device, grouping_statistics=True)
     return ClassificationTask(model, criterion=criterion, device=device)
