@@ -792,6 +792,22 @@ def comparison_stats(comparison: Comparison, by_id: Dict[str, Dict[str, Any]]) -
     return paired_stats([t for t, _ in pairs], [b for _, b in pairs])
 
 
+def arm_stats(comparison: Comparison, reference: Comparison, by_id: Dict[str, Dict[str, Any]]
+              ) -> Optional[PairedStats]:
+    """Paired statistics of ``comparison``'s treatment error minus ``reference``'s treatment error.
+
+    Pairs the two treatment arms by seed (the seeds both have run; None if none), e.g. zero-aware against
+    discriminative Type-II on the same data and recipe. Their softmax arms are the same runs, so this equals
+    the difference of the two comparisons' paired differences.
+    """
+    errors = {seed: t for seed, t, _ in paired_errors(reference, by_id) if t is not None}
+    pairs = [(t, errors[seed]) for seed, t, _ in paired_errors(comparison, by_id)
+             if t is not None and seed in errors]
+    if not pairs:
+        return None
+    return paired_stats([t for t, _ in pairs], [r for _, r in pairs])
+
+
 def paired_values(comparison: Comparison, by_id: Dict[str, Dict[str, Any]], key: str
                   ) -> List[Tuple[int, float, float]]:
     """(seed, treatment value, softmax value) of ``key`` for the seeds where both runs have it."""
@@ -992,6 +1008,16 @@ def format_report(design: StudyDesign, records: Sequence[Dict[str, Any]]) -> str
               *_table(header + ['gate'], ([c.name, c.title, *_stats_cells(comparison_stats(c, by_id)),
                                           _gate_cell(verdicts[_gate_of(c, gates)])] for c in exploratory)),
               '']
+    for c in exploratory:
+        reference = next((r for r in comparisons if r.family != 'exploratory' and r.grouping == 'discriminative'
+                          and (r.recipe, r.loss, r.classes, r.samples_per_class) ==
+                          (c.recipe, c.loss, c.classes, c.samples_per_class)), None)
+        arms = arm_stats(c, reference, by_id) if reference is not None else None
+        if arms is not None:
+            lines += [f'Descriptive, not a test: {c.loss} {c.grouping} minus {reference.loss} '
+                      f'{reference.grouping} grouping (the {reference.name} comparison\'s runs; same data, recipe '
+                      f'and seeds): mean {arms.mean:+.2f} pp, SD {_opt(arms.sd)}, 95% CI {_ci(arms)}, '
+                      f'{c.grouping} lower on {arms.wins}/{arms.n} seeds.', '']
 
     conditions: Dict[Tuple[Any, ...], List[RunSpec]] = {}
     for spec in planned:

@@ -381,6 +381,23 @@ def test_report_states_the_primary_verdict_once_complete():
     assert '**no difference shown**' in study.format_report(DESIGN, records)
 
 
+def test_exploratory_is_compared_with_the_discriminative_arm_on_shared_seeds():
+    primary, zero = DESIGN.comparison('primary'), DESIGN.comparison('exploratory')
+    records = [_record(primary.baseline(s), 30.) for s in range(3)]
+    records += [_record(primary.treatment(s), e) for s, e in enumerate([29., 30., 28.])]
+    records += [_record(zero.treatment(s), e) for s, e in enumerate([28., 30.5])]  # seed 2 not run yet
+    by_id = {r['run_id']: r for r in records}
+    arms = study.arm_stats(zero, primary, by_id)
+    expected = study.paired_stats([28., 30.5], [29., 30.])  # literal: zero-aware minus discriminative, seeds 0, 1
+    assert (arms.n, arms.mean, arms.wins, arms.p) == (expected.n, expected.mean, expected.wins, expected.p)
+    assert study.arm_stats(zero, primary, {}) is None
+    section = study.format_report(DESIGN, records).split('## 4.')[1].split('## 5.')[0]
+    assert (f'Descriptive, not a test: Type-II zero-aware minus Type-II discriminative grouping (the primary '
+            f'comparison\'s runs; same data, recipe and seeds): mean {expected.mean:+.2f} pp') in section
+    assert 'zero-aware lower on 1/2 seeds.' in section
+    assert 'Descriptive, not a test' not in study.format_report(DESIGN, records[:6])
+
+
 @pytest.mark.parametrize('diffs,gate,p,expected', [
     ([-1., -2., -1.5], 'pass', None, 'lower error'),
     ([1., 2., 1.5], 'pass', None, 'higher error'),
