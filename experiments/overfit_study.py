@@ -469,19 +469,22 @@ def memberships(design: StudyDesign, spec: RunSpec) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 
 def throughputs(records: Sequence[Dict[str, Any]]) -> Dict[str, float]:
-    """Median training images x epochs / wall second of the records, per recipe name and over all ('*').
+    """Median training images x epochs / wall second of the records: per recipe name and training-set size
+    ('A/5000'), per recipe name ('A'), and over all ('*').
 
-    Evaluation and start-up are in the wall time, so the rate is what a whole run achieves.
+    Evaluation and start-up are in the wall time, so the rate is what a whole run achieves; it depends on the
+    training-set size (the test set is evaluated at the same interval whatever the size), hence the first key.
     """
     rates: Dict[str, List[float]] = {}
     for r in records:
         try:
-            rate = r['classes'] * r['samples_per_class'] * r['epochs'] / r['wall_s']
+            images = r['classes'] * r['samples_per_class']
+            rate = images * r['epochs'] / r['wall_s']
             name = r['recipe']['name']
         except (KeyError, TypeError, ZeroDivisionError):
             continue
-        rates.setdefault(name, []).append(rate)
-        rates.setdefault('*', []).append(rate)
+        for key in (f'{name}/{images}', name, '*'):
+            rates.setdefault(key, []).append(rate)
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -490,10 +493,12 @@ def estimate_seconds(spec: RunSpec, rates: Dict[str, float], fallback: float = F
 
     Args:
         spec: the run.
-        rates: from :func:`throughputs`; the recipe's rate, else the overall one ('*'), else ``fallback``.
+        rates: from :func:`throughputs`; the rate of the recipe at this training-set size, else the recipe's,
+            else the overall one ('*'), else ``fallback``.
         fallback: images per second when nothing was measured.
     """
-    rate = rates.get(spec.recipe.name, rates.get('*', fallback))
+    name = spec.recipe.name
+    rate = rates.get(f'{name}/{spec.train_images}', rates.get(name, rates.get('*', fallback)))
     return spec.train_images * spec.recipe.epochs / rate
 
 
@@ -1235,7 +1240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     todo = [spec for spec in runs if not os.path.exists(result_path(args.output, spec))]
     rates = throughputs(load_results(args.output))
     seconds = [estimate_seconds(spec, rates) for spec in todo]
-    source = ', '.join(f'recipe {k}: {v:.0f}' for k, v in sorted(rates.items()) if k != '*')
+    source = ', '.join(f'recipe {k}: {v:.0f}' for k, v in sorted(rates.items()) if k != '*' and '/' not in k)
     source = f'measured {source}' if source else f'{FALLBACK_IMAGES_PER_S:g} (assumed)'
     print(f'{len(runs)} runs planned, {len(runs) - len(todo)} done, {len(todo)} to go: about '
           f'{sum(seconds) / 3600:.2f} h at {source} training images/s.', flush=True)

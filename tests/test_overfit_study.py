@@ -435,8 +435,13 @@ def test_throughputs_and_estimate():
     records = [dict(recipe=dict(name='A'), classes=10, samples_per_class=100, epochs=240, wall_s=w)
                for w in (600., 1200., 800.)]  # 400, 200, 300 images/s
     rates = study.throughputs(records + [dict(bad=1)])
-    assert rates == {'A': 300., '*': 300.}
+    assert rates == {'A/1000': 300., 'A': 300., '*': 300.}
     assert study.estimate_seconds(study.RunSpec(A, 'softmax', 10, 500, 0), rates) == pytest.approx(4000.)
+    big = dict(recipe=dict(name='A'), classes=10, samples_per_class=500, epochs=240, wall_s=2000.)  # 600 images/s
+    rates = study.throughputs(records + [big])
+    assert (rates['A/5000'], rates['A/1000'], rates['A']) == (600., 300., 350.)
+    assert study.estimate_seconds(study.RunSpec(A, 'softmax', 10, 500, 0), rates) == pytest.approx(2000.)
+    assert study.estimate_seconds(study.RunSpec(A, 'softmax', 4, 100, 0), rates) == pytest.approx(96000 / 350.)
     assert study.estimate_seconds(study.RunSpec(B, 'softmax', 10, 100, 0), {'A': 300., '*': 250.}) == \
         pytest.approx(960.)  # no B measurement: the overall median
     assert study.estimate_seconds(study.RunSpec(B, 'softmax', 10, 100, 0), {}) == pytest.approx(240000 / 230)
