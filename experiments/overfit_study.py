@@ -1166,6 +1166,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--only', nargs='+', choices=ONLY_NAMES, default=None, metavar='NAME',
                         help=f'only the runs of these comparisons ({", ".join(ONLY_NAMES)}; gate: the gates\' '
                              'softmax runs)')
+    parser.add_argument('--seeds', nargs='+', type=_number(int, 0), default=None, metavar='S',
+                        help='only the runs of these seeds (e.g. to split the pending runs between two sittings, '
+                             'each with its own --output folder)')
     parser.add_argument('--threads', type=_number(int, 1), default=None, metavar='N',
                         help='OMP/MKL threads of each run (default: inherited)')
     parser.add_argument('--quick', action='store_true',
@@ -1237,6 +1240,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f'argument --fashion-mnist-dir: {args.fashion_mnist_dir!r} is not a folder, expected the '
                      'folder of the Fashion-MNIST IDX files (*-ubyte.gz)')
     runs = plan_runs(design, args.only)
+    if args.seeds is not None:
+        known = sorted({spec.seed for spec in runs})
+        bad = sorted(set(args.seeds) - set(known))
+        if bad:
+            parser.error(f"argument --seeds: '{bad[0]}' is not a seed of the selected runs, expected some of "
+                         f"{known}")
+        runs = [spec for spec in runs if spec.seed in args.seeds]
     todo = [spec for spec in runs if not os.path.exists(result_path(args.output, spec))]
     rates = throughputs(load_results(args.output))
     seconds = [estimate_seconds(spec, rates) for spec in todo]

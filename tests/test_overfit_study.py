@@ -460,6 +460,10 @@ def test_plan_prints_pending_runs_and_hours(tmp_path, capsys):
     assert not (tmp_path / 'report.md').exists()  # --plan builds nothing
     assert study.main(['--output', str(tmp_path / 'new'), '--plan', '--only', 'S4']) == 0
     assert 'about 8.70 h at 230 (assumed)' in capsys.readouterr().out  # 6 runs x 5000 x 240 / 230
+    assert study.main(['--output', str(tmp_path / 'new'), '--plan', '--only', 'S4', '--seeds', '2', '0']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('4 runs planned, 0 done, 4 to go') and '-s1:' not in out
+    assert [line.split(':')[0].strip()[-2:] for line in out.splitlines()[1:5]] == ['s0', 's0', 's2', 's2']
 
 
 @pytest.mark.parametrize('argv, flag, value', [
@@ -467,7 +471,8 @@ def test_plan_prints_pending_runs_and_hours(tmp_path, capsys):
     (['--lr-base', '0'], '--lr-base', "'0'"), (['--lr-base', 'nan'], '--lr-base', "'nan'"),
     (['--val-interval', '0'], '--val-interval', "'0'"), (['--threads', '0'], '--threads', "'0'"),
     (['--max-runs', '-1'], '--max-runs', "'-1'"), (['--s4-epochs', '0'], '--s4-epochs', "'0'"),
-    (['--only', 'S9'], '--only', "'S9'"), (['--plan', '--report-only'], '--report-only', '--plan'),
+    (['--only', 'S9'], '--only', "'S9'"), (['--seeds', '-1'], '--seeds', "'-1'"),
+    (['--only', 'S4', '--seeds', '1', '3'], '--seeds', "'3'"), (['--plan', '--report-only'], '--report-only', '--plan'),
     (['--fashion-mnist-dir', '/nonexistent/fmnist'], '--fashion-mnist-dir', "'/nonexistent/fmnist'")])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, flag, value):
     output = tmp_path / 'study'
