@@ -43,7 +43,7 @@ to some comparisons (or to the gate's softmax runs).
 Each run writes ``OUTPUT/results/<run_id>.json`` (settings, git commit, train.py command line, the whole
 per-epoch history, final metrics, wall time); a run whose JSON exists is skipped, so the study can be
 finished over several sittings (one sitting per folder at a time). After every run ``OUTPUT/report.md``
-and ``OUTPUT/loss_curves.png`` are rebuilt from the JSONs present.
+and ``OUTPUT/loss_curves.png`` (one panel per comparison) are rebuilt from the JSONs present.
 
 Examples:
     python -m experiments.overfit_study --output results/overfit --plan     # pending runs, hours
@@ -83,11 +83,11 @@ from experiments.reproduce import (
 )
 
 __all__ = [
-    'Comparison', 'GateCondition', 'GateResult', 'PairedStats', 'Recipe', 'RunSpec', 'StudyDesign',
+    'Comparison', 'Curve', 'GateCondition', 'GateResult', 'PairedStats', 'Recipe', 'RunSpec', 'StudyDesign',
     'QUICK_DESIGN', 'build_design', 'estimate_seconds', 'format_report', 'gate_check', 'gate_conditions',
     'get_args_parser', 'git_state', 'holm_adjust', 'main', 'make_record', 'mean_curve', 'paired_stats',
-    'plan_runs', 'plot_loss_curves', 'result_path', 'run_one', 'summarize_history', 'throughputs',
-    'train_argv', 'write_report',
+    'loss_curves', 'plan_runs', 'plot_loss_curves', 'result_path', 'run_one', 'summarize_history',
+    'throughputs', 'train_argv', 'write_report',
 ]
 
 STUDY_GROUPINGS: Tuple[str, ...] = ('discriminative', 'random', 'contiguous', 'zero-aware')
@@ -1083,38 +1083,79 @@ def mean_curve(histories: Sequence[Sequence[Dict[str, Any]]], key: str) -> List[
     return [(epoch, sum(v) / len(v)) for epoch, v in sorted(sums.items())]
 
 
-def plot_loss_curves(design: StudyDesign, records: Sequence[Dict[str, Any]], path: str) -> None:
-    """Clean-train and test loss per epoch, softmax vs the primary's treatment (mean over seeds present).
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """One line of the loss-curve figure: an arm's mean loss per epoch over the seeds present.
 
-    Written with matplotlib's Agg backend to a temporary name and renamed; log y-axis.
+    Args:
+        arm: 'softmax' or the comparison's treatment loss ('Type-I', 'Type-II').
+        what: 'test loss' or 'clean-train loss'.
+        runs: how many runs the mean is over.
+        points: (epoch, mean loss), positive losses only (the axis is logarithmic).
+    """
+    arm: str
+    what: str
+    runs: int
+    points: Tuple[Tuple[int, float], ...]
+
+
+CURVE_KEYS = (('eval_loss', 'test loss'), ('train_clean_loss', 'clean-train loss'))
+
+
+def loss_curves(comparison: Comparison, records: Sequence[Dict[str, Any]]) -> List[Curve]:
+    """The curves of one comparison's panel: per arm (softmax first), test then clean-train loss.
+
+    An arm with no finished run, or a loss it never measured, gives no curve.
+    """
+    by_id = {r['run_id']: r for r in records}
+    curves = []
+    for arm, spec_of in (('softmax', comparison.baseline), (comparison.loss, comparison.treatment)):
+        specs = [spec_of(seed) for seed in comparison.seeds]
+        histories = [by_id[s.run_id].get('history') or [] for s in specs if s.run_id in by_id]
+        for key, what in CURVE_KEYS:
+            points = tuple((e, v) for e, v in mean_curve(histories, key) if v > 0)
+            if points:
+                curves.append(Curve(arm, what, len(histories), points))
+    return curves
+
+
+def plot_loss_curves(design: StudyDesign, records: Sequence[Dict[str, Any]], path: str) -> None:
+    """Clean-train and test loss per epoch, softmax vs treatment, one panel per comparison.
+
+    Each line is the mean over the seeds present (n in the legend); panels share the logarithmic y-axis so
+    the conditions can be compared. Written with matplotlib's Agg backend to a temporary name and renamed.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    by_id = {r['run_id']: r for r in records}
-    primary = design.comparisons()[0]
-    figure = Figure(figsize=(6.5, 4.2), dpi=110)
+    comparisons = design.comparisons()
+    columns = 2
+    rows = -(-len(comparisons) // columns)
+    figure = Figure(figsize=(11, 3.3 * rows), dpi=90)
     FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    for arm, color in (('softmax', 'tab:blue'), (primary.loss, 'tab:red')):
-        specs = [primary.baseline(s) if arm == 'softmax' else primary.treatment(s) for s in primary.seeds]
-        histories = [by_id[s.run_id].get('history') or [] for s in specs if s.run_id in by_id]
-        for key, style, what in (('eval_loss', '-', 'test loss'), ('train_clean_loss', '--', 'clean-train loss')):
-            points = [(e, v) for e, v in mean_curve(histories, key) if v > 0]
-            if points:
-                axes.plot([e for e, _ in points], [v for _, v in points], style, color=color, marker='.',
-                          label=f'{arm}: {what} (n={len(histories)})')
-    if axes.lines:
-        axes.set_yscale('log')
-        axes.legend(fontsize='small')
-    else:
-        axes.text(0.5, 0.5, 'not yet run', ha='center', va='center', transform=axes.transAxes)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel('epoch')
-    axes.set_ylabel('cross-entropy')
-    axes.set_title(primary.title, fontsize='medium')
-    axes.grid(True, alpha=0.3, which='both')
+    grid = figure.subplots(rows, columns, sharey=True, squeeze=False)
+    panels = [axes for row in grid for axes in row]
+    colors = {'softmax': 'tab:blue'}
+    styles = {'test loss': '-', 'clean-train loss': '--'}
+    for axes, comparison in zip(panels, comparisons):
+        curves = loss_curves(comparison, records)
+        for curve in curves:
+            axes.plot([e for e, _ in curve.points], [v for _, v in curve.points], styles[curve.what],
+                      color=colors.get(curve.arm, 'tab:red'), marker='.', markersize=3,
+                      label=f'{curve.arm}: {curve.what} (n={curve.runs})')
+        if curves:
+            axes.set_yscale('log')
+            axes.legend(fontsize='x-small')
+        else:
+            axes.text(0.5, 0.5, 'not yet run', ha='center', va='center', transform=axes.transAxes)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel('epoch', fontsize='small')
+        axes.set_ylabel('cross-entropy', fontsize='small')
+        axes.set_title(f'{comparison.name}: {comparison.title}', fontsize='small')
+        axes.grid(True, alpha=0.3, which='both')
+    for axes in panels[len(comparisons):]:
+        axes.set_visible(False)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format='png')

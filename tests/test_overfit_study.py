@@ -429,6 +429,22 @@ def test_mean_curve_averages_the_histories_measuring_each_epoch():
     assert study.mean_curve([h1, h2], 'eval_loss') == [(2, 2.0), (3, 0.5)]
 
 
+def test_loss_curves_one_panel_per_comparison_softmax_first():
+    s1 = DESIGN.comparison('S1')
+    soft0 = _record(s1.baseline(0), 30., history=_history([1.0, 0.4], clean_loss=0.2))
+    soft1 = _record(s1.baseline(1), 30., history=_history([3.0, 0.6], clean_loss=0.0))
+    type1 = _record(s1.treatment(0), 30., history=_history([2.0, 0.8], clean_loss=0.1))
+    other = _record(DESIGN.comparison('S3').baseline(0), 30., history=_history([9.0, 9.0]))  # another condition
+    curves = study.loss_curves(s1, [soft0, soft1, type1, other])
+    assert [(c.arm, c.what, c.runs) for c in curves] == [
+        ('softmax', 'test loss', 2), ('softmax', 'clean-train loss', 2),
+        ('Type-I', 'test loss', 1), ('Type-I', 'clean-train loss', 1)]
+    assert curves[0].points == ((2, 2.0), (4, 0.5))  # means of 1.0 and 3.0, of 0.4 and 0.6
+    assert curves[1].points == ((2, 0.1), (4, 0.1))  # (0.2 + 0.0) / 2: the zero counts in the mean
+    assert curves[2].points == ((2, 2.0), (4, 0.8)) and curves[3].points == ((2, 0.1), (4, 0.1))
+    assert study.loss_curves(DESIGN.comparison('S4'), [soft0, type1]) == []  # no run of its condition
+
+
 # ---------------------------------------------------------------------------------------------- estimate, CLI
 
 def test_throughputs_and_estimate():
