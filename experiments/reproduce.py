@@ -358,7 +358,9 @@ _TRAIN_SNIPPET = 'import sys\nfrom timm_gsl.cli.train import main\nmain(sys.argv
 
 
 def train_in_subprocess(run_id: str, argv_for: Callable[[str], List[str]], output: str,
-                        threads: Optional[int] = None) -> Tuple[List[Dict[str, Optional[float]]], float, List[str]]:
+                        threads: Optional[int] = None,
+                        inspect: Optional[Callable[[str], None]] = None,
+                        ) -> Tuple[List[Dict[str, Optional[float]]], float, List[str]]:
     """Run this checkout's train.py in a fresh interpreter, in a scratch folder removed afterwards.
 
     Args:
@@ -366,6 +368,8 @@ def train_in_subprocess(run_id: str, argv_for: Callable[[str], List[str]], outpu
         argv_for: the train.py arguments, given the scratch folder to pass as ``--output``.
         output: the study's folder; the scratch folder is made under ``output/.scratch``.
         threads: OMP/MKL threads of the run (default: inherited).
+        inspect: called with the run's output folder (checkpoints included) after train.py succeeded and
+            before the folder is removed, e.g. to compute logits of the final model.
 
     Returns:
         (the run's summary.csv rows, wall seconds, the arguments with the scratch folder written '<scratch>').
@@ -389,6 +393,8 @@ def train_in_subprocess(run_id: str, argv_for: Callable[[str], List[str]], outpu
             raise RuntimeError(f'train.py failed for {run_id} (exit {proc.returncode}):\n' + proc.stdout[-3000:])
         from timm_gsl.engine import read_summary  # the package's own reader of summary.csv
         history = read_summary(os.path.join(work, run_id, 'summary.csv'))
+        if inspect is not None and any(row.get('eval_top1') is not None for row in history):
+            inspect(os.path.join(work, run_id))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not any(row.get('eval_top1') is not None for row in history):

@@ -280,6 +280,8 @@ def apply_data_conditions(
         class_subset: Optional[Union[int, str]] = None,
         samples_per_class: Optional[int] = None,
         seed: int = 42,
+        holdout_per_class: int = 0,
+        part: str = 'train',
 ) -> torch.utils.data.Dataset:
     """Keep K classes and/or N images per class of a dataset, without decoding images.
 
@@ -290,12 +292,18 @@ def apply_data_conditions(
     draw depends only on ``(seed, c)`` and a smaller N keeps a subset of a larger N's images. Kept
     images stay in dataset order.
 
+    ``holdout_per_class=M`` sets M images of every kept class aside (for a temperature fitted after
+    training): the last M of the class's seeded permutation. ``part='train'`` never includes them (with N
+    given, the N training images are the same as without a hold-out); ``part='holdout'`` returns them.
+
     Args:
         dataset: a map-style dataset :func:`dataset_targets` can read.
         class_subset: None, an int K in [2, number of classes], or a path to a file of class names.
             A string of digits that is not an existing file is read as K.
         samples_per_class: None, or N in [1, images of the smallest kept class].
         seed: seed of both draws.
+        holdout_per_class: M >= 0 images per kept class set aside (see above).
+        part: 'train' (the kept images) or 'holdout' (the M set-aside images per class).
 
     Returns:
         ``dataset`` itself when both conditions are None, else a :class:`ConditionedDataset` over it.
@@ -307,7 +315,13 @@ def apply_data_conditions(
     class_subset = parse_class_subset(class_subset)
     check_samples_per_class(samples_per_class)
     check_seed(seed)
-    if class_subset is None and samples_per_class is None:
+    if isinstance(holdout_per_class, bool) or not isinstance(holdout_per_class, int) or holdout_per_class < 0:
+        raise ValueError(f'holdout_per_class={holdout_per_class!r} is invalid, expected an integer >= 0.')
+    if part not in ('train', 'holdout'):
+        raise ValueError(f"part={part!r} is unknown, expected 'train' or 'holdout'.")
+    if part == 'holdout' and holdout_per_class == 0:
+        raise ValueError("part='holdout' needs holdout_per_class >= 1.")
+    if class_subset is None and samples_per_class is None and holdout_per_class == 0:
         return dataset
     targets = np.asarray(dataset_targets(dataset), dtype=np.int64)
     _check_applies_transforms(dataset)
@@ -334,13 +348,24 @@ def apply_data_conditions(
                f'samples_per_class={samples_per_class} needs images of every class; use class_subset to leave it out')
         raise ValueError(f'Class {_class_label(empty[0], names)} has no images in this {type(dataset).__name__} '
                          f'({len(empty)} empty class(es) among the kept ones): {fix}.')
-    if samples_per_class is not None:
-        smallest = min(classes, key=lambda c: len(members[c]))
-        if samples_per_class > len(members[smallest]):
-            raise ValueError(
-                f'samples_per_class={samples_per_class} is out of range: class {_class_label(smallest, names)} '
-                f'has only {len(members[smallest])} images; expected an integer in [1, {len(members[smallest])}].')
-        members = {c: np.random.default_rng((seed, c)).permutation(m)[:samples_per_class] for c, m in members.items()}
+    smallest = min(classes, key=lambda c: len(members[c]))
+    available = len(members[smallest]) - holdout_per_class
+    if holdout_per_class and available < (samples_per_class or 1):
+        raise ValueError(
+            f'holdout_per_class={holdout_per_class} is out of range: class {_class_label(smallest, names)} has '
+            f'{len(members[smallest])} images, which must hold the {holdout_per_class} held out plus '
+            f'{samples_per_class or "at least 1"} to train on.')
+    if samples_per_class is not None and samples_per_class > available:
+        raise ValueError(
+            f'samples_per_class={samples_per_class} is out of range: class {_class_label(smallest, names)} '
+            f'has only {len(members[smallest])} images; expected an integer in [1, {len(members[smallest])}].')
+    if samples_per_class is not None or holdout_per_class:
+        drawn = {c: np.random.default_rng((seed, c)).permutation(m) for c, m in members.items()}
+        if part == 'holdout':
+            members = {c: p[len(p) - holdout_per_class:] for c, p in drawn.items()}
+        else:
+            members = {c: p[:samples_per_class if samples_per_class is not None else len(p) - holdout_per_class]
+                       for c, p in drawn.items()}
 
     indices = np.sort(np.concatenate([members[c] for c in classes]))
     if class_subset is None:
