@@ -311,6 +311,47 @@ def test_samples_per_class_leaves_the_validation_split_untouched():
     assert len(val_k) == 300
 
 
+def _holdout(n=None, m=30, seed=3, k=None, part='holdout'):
+    return create_dataset(EMBEDDED_DATASET, split='train', is_training=True, samples_per_class=n, seed=seed,
+                          class_subset=k, holdout_per_class=m, part=part)
+
+
+def test_calibration_holdout_is_the_end_of_each_classs_draw_and_never_a_training_image():
+    base = EmbeddedFashionMNIST('train')
+    holdout, train = _holdout(n=40), _holdout(n=40, part='train')
+    assert Counter(dataset_targets(holdout)) == {c: 30 for c in range(10)}
+    assert not set(holdout.indices) & set(train.indices)
+    # The slow reference: class c's seeded permutation of its images, the first N train, the last M are held out.
+    for c in range(10):
+        members = [i for i, t in enumerate(base.targets) if t == c]
+        drawn = [members[j] for j in np.random.default_rng((3, c)).permutation(len(members))]
+        assert {i for i in holdout.indices if base.targets[i] == c} == set(drawn[-30:])
+        assert {i for i in train.indices if base.targets[i] == c} == set(drawn[:40])
+
+
+def test_a_holdout_leaves_the_samples_per_class_draw_as_it_was():
+    plain = create_dataset(EMBEDDED_DATASET, split='train', is_training=True, samples_per_class=40, seed=3)
+    assert _holdout(n=40, part='train').indices == plain.indices
+
+
+def test_a_holdout_without_samples_per_class_leaves_the_training_set():
+    train, holdout = _holdout(part='train', k=4), _holdout(k=4)
+    assert len(train) == 4 * 470 and len(holdout) == 4 * 30 and not set(train.indices) & set(holdout.indices)
+    assert Counter(dataset_targets(holdout)) == {c: 30 for c in range(4)}  # relabelled like the training set
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(n=480, m=30), r'holdout_per_class=30 is out of range: class .* has 500 images, which must hold the 30 '
+                        r'held out plus 480'),
+    (dict(m=-1), r'holdout_per_class=-1 is invalid'),
+    (dict(m=0), r"part='holdout' needs holdout_per_class >= 1"),
+    (dict(part='test'), r"part='test' is unknown"),
+])
+def test_impossible_holdouts_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _holdout(**kwargs)
+
+
 def test_no_condition_returns_the_base_dataset_unwrapped():
     assert isinstance(create_dataset(EMBEDDED_DATASET, split='train', is_training=True), EmbeddedFashionMNIST)
 

@@ -18,6 +18,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+import torch.nn as nn
 import yaml
 
 from timm_gsl import hub
@@ -56,8 +57,14 @@ def server():
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
+    """A tiny run whose checkpoints record no temperature, as train.py wrote them before it fitted one."""
     out = tmp_path_factory.mktemp('runs')
     result = train_main(TINY + ['--output', str(out), '--experiment', 'tiny', '--epochs', '2'])
+    for name in ('model_best.pth.tar', 'last.pth.tar'):
+        path = os.path.join(result['output_dir'], name)
+        raw = torch.load(path, map_location='cpu', weights_only=False)
+        if raw.pop('calibration', None) is not None:
+            torch.save(raw, path)
     return result['output_dir']
 
 
@@ -256,8 +263,14 @@ def test_train_fine_tunes_from_the_hub_model_and_pushes_the_result(server, hf_ho
     files = server.files(f'{REPO}-ft', 'candidate')
     config = json.loads(files['config.json'])
     assert config['architecture'] == 'test_resnet'  # the base architecture, not the hf-hub: name
+    # train.py publishes calibrated: the classifier divided by the temperature its checkpoint records.
+    checkpoint = os.path.join(tmp_path, 'ft', 'model_best.pth.tar')
+    calibration = torch.load(checkpoint, map_location='cpu', weights_only=False).get('calibration')
+    t = calibration['temperature'] if calibration else 1.0
+    assert config.get('calibration') == (dict(calibration, folded=True) if calibration else None)
     start = safetensors.torch.load(server.files(REPO)['model.safetensors'])
     tuned = safetensors.torch.load(files['model.safetensors'])
+    tuned['fc.weight'] = tuned['fc.weight'] * t
     conv = [k for k in start if k.endswith('conv.weight') or k.endswith('conv1.weight') or k == 'fc.weight']
     assert conv and all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in conv)
     meta, body = _card(files['README.md'].decode())
@@ -268,7 +281,7 @@ def test_train_fine_tunes_from_the_hub_model_and_pushes_the_result(server, hf_ho
     assert f"timm.create_model('hf-hub:{REPO}-ft@candidate', pretrained=True)" in body
     assert json.loads(files['config.json'])['pretrained_cfg']['origin_url'] == f'{server.url}/{REPO}-ft'
     (logits,) = _load_logits(server, hf_home, tmp_path, [f'hf-hub:{REPO}-ft@candidate'], probe)
-    assert torch.equal(logits, _reference_logits(os.path.join(tmp_path, 'ft', 'model_best.pth.tar'), probe))
+    assert torch.allclose(logits.double() * t, _reference_logits(checkpoint, probe).double(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,6 +578,245 @@ def test_export_refuses_a_non_empty_folder_and_leaves_no_partial_folder(publishe
     with pytest.raises(ValueError):
         hub.export_checkpoint(str(bad), str(tmp_path / 'new'))
     assert sorted(os.listdir(tmp_path)) == ['bad.pth', 'taken']
+
+
+# ----------------------------------------------------------------------------------------------
+# A fitted temperature: folded into the classifier (or not), recorded in config.json and the card
+# ----------------------------------------------------------------------------------------------
+
+CALIBRATED_REPO = 'gsl-org/tiny-resnet-calibrated'
+# 1.75 is exact in binary: the folded classifier must be the trained one divided by it, bit for bit.
+CALIBRATION = dict(temperature=1.75, images=24, source='a hold-out of the training pool', nll_before=0.8123,
+                   ece_before=12.3456, nll_after=0.6543, ece_after=3.21, reported_on='the validation split',
+                   reported_images=15, weights='model')
+CALIBRATION_ROWS = ['| NLL, before temperature scaling | 0.812 |', '| NLL, after (T = 1.75) | 0.654 |',
+                    '| ECE (%), before temperature scaling | 12.35 |', '| ECE (%), after (T = 1.75) | 3.21 |']
+FITTED = ('T = 1.75 (fitted on 24 images: a hold-out of the training pool; figures reported on the '
+          'validation split)')
+
+
+def _with_calibration(checkpoint, path, ema=False, **calibration):
+    """A copy of ``checkpoint`` recording a fitted temperature (and, with ``ema``, EMA weights unlike its own)."""
+    raw = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    raw['calibration'] = dict(CALIBRATION, **calibration)
+    if ema:
+        raw['state_dict_ema'] = {k: v * 0.5 if k.startswith('fc.') else v for k, v in raw['state_dict'].items()}
+    torch.save(raw, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def calibrated(run_dir):
+    """The tiny run's best checkpoint with a calibration entry, beside the run's summary and curves."""
+    return _with_calibration(os.path.join(run_dir, 'model_best.pth.tar'),
+                             os.path.join(run_dir, 'model_calibrated.pth.tar'))
+
+
+@pytest.fixture(scope='module')
+def published_calibrated(server, hf_home, calibrated, tmp_path_factory):
+    """``python -m timm_gsl push`` of the calibrated checkpoint (folding by default, as train.py publishes)."""
+    done = _push(server, hf_home, tmp_path_factory.mktemp('push-calibrated'), calibrated,
+                 '--repo-id', CALIBRATED_REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return calibrated
+
+
+def _without_calibration(card):
+    """The card's non-empty lines, less those about the temperature."""
+    added = ('- **Calibration:**', '| NLL', '| ECE', 'NLL and ECE')
+    return [line for line in card.splitlines() if line and not line.startswith(added)]
+
+
+def test_folded_temperature_gives_the_checkpoints_logits_over_t_in_plain_timm(
+        server, hf_home, published_calibrated, probe, tmp_path):
+    local = tmp_path / 'exported'
+    hub.export_checkpoint(published_calibrated, str(local))
+    names = [f'hf-hub:{CALIBRATED_REPO}', f'local-dir:{local}']
+    from_hub, from_dir = _load_logits(server, hf_home, tmp_path, names, probe)
+    reference = _reference_logits(published_calibrated, probe).double()
+    for logits in (from_hub, from_dir):
+        assert torch.allclose(logits.double() * 1.75, reference, rtol=1e-5, atol=1e-6)
+        assert torch.equal(logits.argmax(dim=1), reference.argmax(dim=1))
+    assert not torch.allclose(from_hub.double(), reference, rtol=1e-2)  # it did change the logits
+    # Only the classifier differs from the checkpoint: fc divided by T, every other tensor as trained.
+    weights = safetensors.torch.load(server.files(CALIBRATED_REPO)['model.safetensors'])
+    trained = torch.load(published_calibrated, map_location='cpu', weights_only=False)['state_dict']
+    assert weights.keys() == trained.keys()
+    for name, tensor in trained.items():
+        assert torch.equal(weights[name], tensor / 1.75 if name in ('fc.weight', 'fc.bias') else tensor), name
+
+
+def test_folded_config_and_card_record_the_temperature_and_nll_ece_before_and_after(
+        server, published, published_calibrated):
+    files, plain = server.files(CALIBRATED_REPO), server.files(REPO)
+    config, plain_config = json.loads(files['config.json']), json.loads(plain['config.json'])
+    assert config.pop('calibration') == dict(CALIBRATION, folded=True)
+    for pretrained_cfg in (config['pretrained_cfg'], plain_config['pretrained_cfg']):
+        pretrained_cfg.pop('origin_url')
+    assert config == plain_config  # nothing else changes in config.json
+    card = files['README.md'].decode()
+    _, body = _card(card)
+    assert (f'- **Calibration:** the logits are temperature-scaled by {FITTED}: the published classifier is the '
+            'trained one divided by T, so the probabilities are calibrated and the predictions unchanged.') in body
+    table = body.split('## Evaluation\n\n')[1].split('\n\n')[0].splitlines()
+    assert table[:3] == ['| metric | value |', '|---|---|', table[2]] and table[2].startswith('| top-1 accuracy')
+    assert table[-4:] == CALIBRATION_ROWS
+    assert 'NLL and ECE (expected calibration error) are measured on the validation split (15 images).' in body
+    # The rest of the card is the card of the same checkpoint without calibration.
+    renamed = card.replace(CALIBRATED_REPO.split('/')[1], REPO.split('/')[1])
+    assert _without_calibration(renamed) == _without_calibration(plain['README.md'].decode())
+
+
+def test_no_fold_temperature_publishes_the_weights_as_trained_and_says_so(
+        server, hf_home, calibrated, probe, tmp_path):
+    folder = tmp_path / 'unfolded'
+    done = _run(['-m', 'timm_gsl', 'export', calibrated, str(folder), '--no-fold-temperature'],
+                _env(server, hf_home, with_package=True), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (logits,) = _load_logits(server, hf_home, tmp_path, [f'local-dir:{folder}'], probe)
+    assert torch.equal(logits, _reference_logits(calibrated, probe))
+    assert json.loads((folder / 'config.json').read_text())['calibration'] == dict(CALIBRATION, folded=False)
+    _, body = _card((folder / 'README.md').read_text())
+    assert ('- **Calibration:** the published weights are not calibrated (they are the weights as trained); '
+            f'dividing the logits by {FITTED} calibrates them.') in body
+    assert all(row in body for row in CALIBRATION_ROWS)
+
+
+def test_transformers_loads_a_folded_export_and_ignores_its_calibration(
+        server, hf_home, published_calibrated, probe, tmp_path):
+    pytest.importorskip('transformers')
+    out = str(tmp_path / 'logits.safetensors')
+    script = LOADER_PRELUDE + textwrap.dedent(f'''
+        import safetensors.torch
+        from transformers import AutoModelForImageClassification
+        x = safetensors.torch.load_file({probe!r})['x']
+        wrapped = AutoModelForImageClassification.from_pretrained('{CALIBRATED_REPO}').eval()
+        with torch.no_grad():
+            safetensors.torch.save_file({{'logits': wrapped(pixel_values=x).logits.contiguous()}}, {out!r})
+        _done()
+    ''')
+    done = _run(['-c', script], _env(server, hf_home), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    logits = safetensors.torch.load_file(out)['logits'].double()
+    assert torch.allclose(logits * 1.75, _reference_logits(published_calibrated, probe).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_temperature_fitted_for_other_weights_is_refused_in_one_line_before_any_request(
+        server, hf_home, calibrated, tmp_path, monkeypatch):
+    for_ema = _with_calibration(calibrated, tmp_path / 'for_ema.pth.tar', ema=True, weights='ema')
+    for_model = _with_calibration(calibrated, tmp_path / 'for_model.pth.tar', ema=True)
+    with monkeypatch.context() as m:
+        _no_network(m)
+        with pytest.raises(ValueError, match=r'fitted for the EMA weights, not the model weights.*pass --use-ema.*'
+                                             r'--no-fold-temperature'):
+            hub.push_checkpoint(for_ema, 'gsl-org/mismatch', token='t')
+        with pytest.raises(ValueError, match=r'fitted for the model weights, not the EMA weights.*drop --use-ema.*'
+                                             r'--no-fold-temperature'):
+            hub.push_checkpoint(for_model, 'gsl-org/mismatch', token='t', use_ema=True)
+    before = len(server.requests)
+    env = _env(server, hf_home, with_package=True)
+    for command in (['push', for_ema, '--repo-id', 'gsl-org/mismatch'], ['export', for_ema, str(tmp_path / 'out')]):
+        done = _run(['-m', 'timm_gsl'] + command, env, cwd=str(tmp_path))
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-3000:]
+        assert '--use-ema' in done.stderr and '--no-fold-temperature' in done.stderr
+    assert len(server.requests) == before and not (tmp_path / 'out').exists()
+
+    # Publishing the weights it was fitted for folds it into those; unfolded, T (for other weights) is left out.
+    hub.export_checkpoint(for_ema, str(tmp_path / 'ema'), use_ema=True)
+    ema = torch.load(for_ema, map_location='cpu', weights_only=False)['state_dict_ema']
+    folded = safetensors.torch.load_file(str(tmp_path / 'ema' / 'model.safetensors'))
+    assert torch.equal(folded['fc.weight'], ema['fc.weight'] / 1.75)
+    hub.export_checkpoint(for_ema, str(tmp_path / 'unfolded'), fold_temperature=False)
+    assert 'calibration' not in json.loads((tmp_path / 'unfolded' / 'config.json').read_text())
+
+
+def test_checkpoint_without_calibration_exports_the_same_files_with_or_without_folding(published, tmp_path):
+    folded = hub.export_checkpoint(published, str(tmp_path / 'folded'), repo_id=REPO)
+    unfolded = hub.export_checkpoint(published, str(tmp_path / 'unfolded'), repo_id=REPO, fold_temperature=False)
+    assert folded == unfolded
+    for name in folded:
+        assert (tmp_path / 'folded' / name).read_bytes() == (tmp_path / 'unfolded' / name).read_bytes(), name
+    assert 'calibration' not in json.loads((tmp_path / 'folded' / 'config.json').read_text())
+    card = (tmp_path / 'folded' / 'README.md').read_text()
+    assert 'Calibration' not in card and 'NLL' not in card and 'temperature' not in card
+    weights = safetensors.torch.load_file(str(tmp_path / 'folded' / 'model.safetensors'))
+    trained = torch.load(published, map_location='cpu', weights_only=False)['state_dict']
+    assert all(torch.equal(weights[k], trained[k]) for k in trained)
+
+
+def _randomised(model):
+    """``model`` in eval mode with non-trivial batch-norm statistics (so a misplaced division would show)."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator))
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+class _ConvClassifierNet(nn.Module):
+    """A model whose classifier is a 1x1 convolution on the pooled features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 5, 1)
+
+    def get_classifier(self):
+        return self.fc
+
+    def forward(self, x):
+        return self.fc(self.stem(x).relu().mean((2, 3), keepdim=True)).flatten(1)
+
+
+def _deit_distilled():
+    from timm.models.deit import VisionTransformerDistilled
+    return VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+
+
+def _levit_distilled():
+    from timm.models.levit import LevitDistilled
+    return LevitDistilled(img_size=32, num_classes=5, embed_dim=(16, 24, 32), key_dim=8, num_heads=(2, 2, 2),
+                          depth=(1, 1, 1))
+
+
+@pytest.mark.parametrize('make', [
+    lambda: timm.create_model('test_resnet', num_classes=5),  # nn.Linear
+    _ConvClassifierNet,  # a 1x1 nn.Conv2d
+    _deit_distilled,  # (head, head_dist), predicting with their mean
+    _levit_distilled,  # two heads, each a container: BatchNorm1d, Dropout, Linear
+], ids=['linear', 'conv1x1', 'deit-distilled', 'levit-distilled'])
+def test_folding_divides_the_logits_of_every_head_by_t(make):
+    torch.manual_seed(0)
+    model = _randomised(make())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(x).double() / 2.5
+        folded = hub.fold_into_classifier(model, 2.5)(x).double()
+    assert torch.allclose(folded, reference, rtol=1e-5, atol=1e-6)
+    assert torch.equal(folded.argmax(dim=1), reference.argmax(dim=1))
+
+
+@pytest.mark.parametrize('head, found', [
+    (nn.Identity(), 'holds no nn.Linear'),
+    (nn.Sequential(nn.Linear(96, 5), nn.Softmax(dim=1)), 'does not divide its output by T'),  # not the last step
+])
+def test_folding_refuses_a_classifier_whose_output_does_not_scale_in_one_line(head, found):
+    model = timm.create_model('test_resnet', num_classes=5).eval()
+    model.fc = head
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf'{found}.*--no-fold-temperature') as e:
+        hub.fold_into_classifier(model, 2.0, (3, 32, 32))
+    assert '\n' not in str(e.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())  # left as it was
+
+
+def test_folding_a_head_that_ends_with_a_linear_layer_divides_its_output():
+    model = timm.create_model('test_resnet', num_classes=5).eval()
+    model.fc = nn.Sequential(nn.Linear(model.num_features, 8), nn.ReLU(), nn.Linear(8, 5))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x) / 2.0
+        assert torch.allclose(hub.fold_into_classifier(model, 2.0, (3, 32, 32))(x), reference, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

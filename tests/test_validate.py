@@ -213,7 +213,7 @@ def test_no_data_flags_evaluate_the_embedded_validation_split_like_timm(model10,
     assert results['model'] == 'test_resnet' and results['img_size'] == SIZE
     assert results['param_count'] == round(sum(p.numel() for p in model10.parameters()) / 1e6, 2)
     assert list(results) == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size',
-                             'crop_pct', 'interpolation']
+                             'crop_pct', 'interpolation', 'nll', 'ece']
 
 
 def test_class_subset_and_seed_recorded_in_checkpoint_are_applied_unless_passed(tmp_path, caplog):

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'DEFAULT_ECE_BINS', 'TEMPERATURE_BOUNDS', 'CalibrationFit', 'calibration_metrics', 'check_logits_and_target',
+    'DEFAULT_ECE_BINS', 'TEMPERATURE_BOUNDS', 'CalibrationFit', 'CalibrationMeter', 'calibrate_cross_fitted',
+    'calibrate_held_out', 'calibration_metrics', 'check_logits_and_target',
     'expected_calibration_error', 'fit_temperature', 'negative_log_likelihood',
 ]
 
@@ -102,15 +103,22 @@ def expected_calibration_error(logits: torch.Tensor, target: torch.Tensor, tempe
     temperature = _check_temperature(temperature)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f'bins={bins!r} is invalid, expected an integer >= 1.')
-    probs = torch.softmax(_scaled(logits, temperature), dim=1)
+    return float(_ece_from_gaps(_bin_gaps(_scaled(logits, temperature), target.long(), bins), logits.shape[0]))
+
+
+def _bin_gaps(logits: torch.Tensor, target: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per confidence bin, the sum over its images of (correct - confidence), in float64 on the logits' device."""
+    probs = torch.softmax(logits, dim=1)
     confidence, prediction = probs.max(dim=1)
     correct = (prediction == target.to(prediction.device)).to(torch.float64)
     # Bin k holds confidences in (k/bins, (k+1)/bins]: ceil(conf * bins) - 1, clamped for rounding at 0 and 1.
     index = (torch.ceil(confidence * bins) - 1).clamp_(0, bins - 1).long()
-    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
-    gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct - confidence)
+    return torch.zeros(bins, dtype=torch.float64, device=logits.device).index_add_(0, index, correct - confidence)
+
+
+def _ece_from_gaps(gaps: torch.Tensor, count: Any) -> torch.Tensor:
     # |sum over bin of (correct - confidence)| / N == |B_k| / N * |acc(B_k) - conf(B_k)|
-    return float(gap.abs().sum() / count.sum() * 100.0)
+    return gaps.abs().sum() / max(count, 1) * 100.0
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor,
@@ -163,6 +171,54 @@ def calibration_metrics(logits: torch.Tensor, target: torch.Tensor, temperature:
                 ece=expected_calibration_error(logits, target, temperature, bins))
 
 
+class CalibrationMeter:
+    """Running NLL and ECE over batches, accumulated on the logits' device (no host read until :meth:`compute`).
+
+    Args:
+        bins: ECE confidence bins.
+
+    Examples:
+        >>> meter = CalibrationMeter()
+        >>> for logits, target in batches:
+        ...     meter.update(logits, target)
+        >>> meter.compute()  # {'nll': ..., 'ece': ...}; compute(distributed=True) sums over processes first
+    """
+
+    def __init__(self, device: Optional[torch.device] = None, bins: int = DEFAULT_ECE_BINS):
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f'bins={bins!r} is invalid, expected an integer >= 1.')
+        self.bins = bins
+        device = torch.device(device or 'cpu')
+        self._dtype = torch.float32 if device.type == 'mps' else torch.float64  # MPS has no float64
+        self.sums = torch.zeros(2 + bins, dtype=self._dtype, device=device)  # [images, NLL sum, bin gaps...]
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of N x C logits and N class indices (an empty batch adds nothing)."""
+        if logits.shape[0] == 0:
+            return
+        z = logits.detach().to(torch.float64 if self._dtype == torch.float64 else torch.float32)
+        y = target.detach().long().to(z.device)
+        count = torch.full((1,), z.shape[0], dtype=z.dtype, device=z.device)
+        batch = torch.cat([count, F.cross_entropy(z, y, reduction='sum').reshape(1), _bin_gaps(z, y, self.bins)])
+        self.sums += batch.to(self.sums)
+
+    def compute(self, distributed: bool = False) -> Dict[str, float]:
+        """``{'nll': mean NLL, 'ece': ECE in percent}`` so far (summed over processes when ``distributed``).
+
+        With no image (on every process) both are NaN: never a figure computed over zero images.
+        """
+        sums = self.sums.clone()
+        if distributed:
+            import torch.distributed as dist
+            dist.all_reduce(sums)
+        values = sums.cpu().to(torch.float64)
+        images = float(values[0])
+        if images == 0:
+            return dict(nll=float('nan'), ece=float('nan'))
+        return dict(nll=float(values[1] / images), ece=float(_ece_from_gaps(values[2:], images)))
+
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationFit:
     """A temperature fitted on held-out images, and what it did to the probabilities.
@@ -176,6 +232,7 @@ class CalibrationFit:
         reported_on: which images the four figures are measured on (never the fitting images, except when
             ``source`` says the figures are cross-fitted).
         reported_images: how many.
+        weights: which weights of the checkpoint it was fitted for: 'model' or 'ema' (``state_dict_ema``).
     """
     temperature: float
     images: int
@@ -186,6 +243,7 @@ class CalibrationFit:
     ece_after: float
     reported_on: str
     reported_images: int
+    weights: str = 'model'
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (the ``calibration`` object of checkpoints and ``config.json``)."""
@@ -200,9 +258,66 @@ class CalibrationFit:
             raise ValueError(f'calibration must be a dict, got {type(data).__name__}.')
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - {'weights'})
         if unknown or missing:
             raise ValueError(f'calibration record has unknown keys {unknown} / lacks {missing}; expected {sorted(names)}.')
         fit = cls(**data)
         _check_temperature(fit.temperature)
+        if fit.weights not in ('model', 'ema'):
+            raise ValueError(f"calibration weights={fit.weights!r} is unknown, expected 'model' or 'ema'.")
         return fit
+
+
+def calibrate_held_out(fit_logits: torch.Tensor, fit_target: torch.Tensor, report_logits: torch.Tensor,
+                       report_target: torch.Tensor, source: str, reported_on: str,
+                       weights: str = 'model') -> CalibrationFit:
+    """Fit T on held-out images and measure NLL/ECE before and after on other images.
+
+    Args:
+        fit_logits, fit_target: the images T is fitted on (never trained on).
+        report_logits, report_target: the images the figures are measured on (not the fitting images).
+        source: where the fitting images come from, for the record (e.g. 'training-pool hold-out').
+        reported_on: what the report images are (e.g. 'validation split').
+        weights: 'model' or 'ema', see :class:`CalibrationFit`.
+    """
+    temperature = fit_temperature(fit_logits, fit_target)
+    before = calibration_metrics(report_logits, report_target)
+    after = calibration_metrics(report_logits, report_target, temperature)
+    return CalibrationFit(temperature=temperature, images=int(fit_logits.shape[0]), source=source,
+                          nll_before=before['nll'], ece_before=before['ece'], nll_after=after['nll'],
+                          ece_after=after['ece'], reported_on=reported_on,
+                          reported_images=int(report_logits.shape[0]), weights=weights)
+
+
+def calibrate_cross_fitted(logits: torch.Tensor, target: torch.Tensor, source: str, seed: int = 0,
+                           weights: str = 'model') -> CalibrationFit:
+    """Fit T on all of a set of images, with figures that never score an image with a T fitted on it.
+
+    The images are split in two halves by a permutation drawn with ``seed``; each half is scaled by the
+    temperature fitted on the other half, and NLL/ECE "after" are measured on those cross-fitted logits
+    (an honest estimate of what a fitted T does to new images). The temperature returned, the one to publish,
+    is fitted on all the images.
+
+    Args:
+        logits, target: the images (at least 2).
+        source: their description for the record, e.g. 'validation split, 2-fold cross-fitted'.
+        seed: seed of the split.
+        weights: 'model' or 'ema', see :class:`CalibrationFit`.
+    """
+    check_logits_and_target(logits, target)
+    n = logits.shape[0]
+    if n < 2:
+        raise ValueError(f'cross-fitting needs at least 2 images, got {n}.')
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    halves = (order[: n // 2], order[n // 2:])
+    scaled = torch.empty(logits.shape, dtype=torch.float64)
+    z = logits.detach().to(torch.float64).cpu()
+    y = target.detach().long().cpu()
+    for fit_half, score_half in (halves, halves[::-1]):
+        scaled[score_half] = z[score_half] / fit_temperature(z[fit_half], y[fit_half])
+    before = calibration_metrics(z, y)
+    after = calibration_metrics(scaled, y)
+    return CalibrationFit(temperature=fit_temperature(z, y), images=n, source=source, nll_before=before['nll'],
+                          ece_before=before['ece'], nll_after=after['nll'], ece_after=after['ece'],
+                          reported_on=f'{source} (each half scored with the temperature of the other half)',
+                          reported_images=n, weights=weights)

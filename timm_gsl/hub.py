@@ -17,6 +17,11 @@ Inference), so what we publish is an ordinary timm export, loadable with
   local export. A card the repo already has is kept unless asked to replace it;
 * ``learning_curves.png`` when ``train.py`` wrote one beside the checkpoint.
 
+A checkpoint that records a fitted temperature T (``calibration``, a
+:class:`timm_gsl.calibration.CalibrationFit`) is published calibrated: the classifier is divided by T, so
+the model returns the trained logits / T (same predictions), and ``config.json`` and the card say so
+(``fold_temperature=False`` publishes the weights as trained, with T in ``config.json`` and the card).
+
 Everything that can be checked locally (repo id, token, checkpoint, architecture) is checked before
 the first request to the Hub.
 
@@ -44,7 +49,8 @@ from timm.data import resolve_data_config
 from timm.models import clean_state_dict, save_for_hf
 
 from . import data as gsl_data
-from .head import is_converted, unconvert_model
+from .calibration import CalibrationFit
+from .head import UnsupportedModelError, classifier_layers, is_converted, unconvert_model
 from .engine.atomic import atomic_path
 from .engine.checkpoint_io import read_checkpoint
 
@@ -57,8 +63,10 @@ __all__ = [
     'check_publish_options',
     'check_repo_id',
     'export_checkpoint',
+    'fold_into_classifier',
     'hub_url',
     'model_card',
+    'published_calibration',
     'push_checkpoint',
     'load_training_checkpoint',
     'transformers_loads',
@@ -101,16 +109,19 @@ class TrainingCheckpoint:
         epoch: the epoch it was saved after, or None.
         metric: the value of the training's ``--eval-metric`` at that epoch, or None.
         used_ema: whether ``state_dict`` holds the EMA weights.
+        calibration: the temperature fitted after training (its ``calibration`` entry), or None.
     """
 
     def __init__(self, path: str, state_dict: Dict[str, torch.Tensor], args: Dict[str, Any],
-                 epoch: Optional[int], metric: Optional[float], used_ema: bool):
+                 epoch: Optional[int], metric: Optional[float], used_ema: bool,
+                 calibration: Optional[CalibrationFit] = None):
         self.path = path
         self.state_dict = state_dict
         self.args = args
         self.epoch = epoch
         self.metric = metric
         self.used_ema = used_ema
+        self.calibration = calibration
 
     @property
     def model_name(self) -> str:
@@ -151,11 +162,12 @@ def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckp
         use_ema: take ``state_dict_ema`` when the checkpoint has one.
 
     Returns:
-        The checkpoint.
+        The checkpoint, with its ``calibration`` when it records one.
 
     Raises:
-        ValueError: the file is missing, unreadable, holds other objects, or is not a timm training
-            checkpoint (a dict with ``state_dict`` and the training ``args`` naming the model).
+        ValueError: the file is missing, unreadable, holds other objects, is not a timm training
+            checkpoint (a dict with ``state_dict`` and the training ``args`` naming the model), or records
+            a malformed ``calibration``.
     """
     raw = read_checkpoint(path, 'checkpoint')
     expected = ("expected a timm training checkpoint: a dict with 'state_dict' (name -> tensor) and 'args' "
@@ -175,9 +187,13 @@ def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckp
         raise ValueError(f"checkpoint {path!r}: 'state_dict' holds values other than tensors: {expected}.")
     # Weights saved from a DistributedDataParallel or compiled model carry a prefix.
     state_dict = clean_state_dict(state_dict)
+    try:
+        calibration = CalibrationFit.from_dict(raw.get('calibration'))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path!r}: its 'calibration' entry is malformed: {e}") from e
     metric = raw.get('metric')
     return TrainingCheckpoint(path, state_dict, dict(args), raw.get('epoch'),
-                              float(metric) if isinstance(metric, (int, float)) else None, used_ema)
+                              float(metric) if isinstance(metric, (int, float)) else None, used_ema, calibration)
 
 
 def _in_chans(args: Dict[str, Any]) -> int:
@@ -213,6 +229,85 @@ def build_model(checkpoint: TrainingCheckpoint) -> nn.Module:
         raise ValueError(f'checkpoint {checkpoint.path!r}: its weights do not fit {name!r} with '
                          f'num_classes={args.get("num_classes")} ({e}).') from e
     return model.eval()
+
+
+_WEIGHTS = {'model': 'model weights', 'ema': 'EMA weights'}
+_UNFOLDED = 'publish the weights unfolded with --no-fold-temperature (fold_temperature=False)'
+
+
+def fold_into_classifier(model: nn.Module, temperature: float,
+                         input_size: Optional[Tuple[int, ...]] = None) -> nn.Module:
+    """Divide the classifier's weight and bias by ``temperature``, in place, and check that it worked.
+
+    The layers are those the group softmax head trains (:func:`timm_gsl.head.classifier_layers`: the final
+    linear layer of each head). The model then returns its former logits / T (same predictions). When
+    ``input_size`` is given, that is checked on a random batch; a classifier whose output is not linear in
+    those layers (say, followed by a softmax) is restored and refused.
+
+    Args:
+        model: a timm model in eval mode.
+        temperature: T > 0.
+        input_size: (C, H, W) of the model's input, for the check.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: no linear classifier, or its output does not scale with it; one line naming
+            ``--no-fold-temperature``.
+    """
+    try:
+        layers = {id(layer): layer for layer in classifier_layers(model)}  # a layer shared by two heads: once
+    except UnsupportedModelError as e:
+        raise ValueError(f'fold_temperature: {e} To {_UNFOLDED}.') from e
+    probe = None if input_size is None else torch.randn(
+        2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = None if probe is None else model(probe).double()
+        saved = [(layer.weight.clone(), None if layer.bias is None else layer.bias.clone())
+                 for layer in layers.values()]
+        for layer in layers.values():
+            layer.weight.div_(temperature)
+            if layer.bias is not None:
+                layer.bias.div_(temperature)
+        if probe is None:
+            return model
+        after = model(probe).double()
+        if torch.allclose(after * temperature, before, rtol=1e-4, atol=1e-5 * (1 + before.abs().max().item())):
+            return model
+        for layer, (weight, bias) in zip(layers.values(), saved):
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+    raise ValueError(f'fold_temperature: dividing the final linear layer of {type(model).__name__} by T does not '
+                     f'divide its output by T (something non-linear follows it); {_UNFOLDED}.')
+
+
+def published_calibration(checkpoint: TrainingCheckpoint, fold_temperature: bool) -> Optional[CalibrationFit]:
+    """The checkpoint's calibration when it was fitted for the weights published, else None.
+
+    Args:
+        checkpoint: the checkpoint to publish.
+        fold_temperature: whether the temperature is to be folded into the published classifier.
+
+    Returns:
+        ``checkpoint.calibration``; None when there is none, or (unfolded) it was fitted for other weights.
+
+    Raises:
+        ValueError: ``fold_temperature`` with a temperature fitted for the other weights (EMA or model).
+    """
+    fit = checkpoint.calibration
+    published = 'ema' if checkpoint.used_ema else 'model'
+    if fit is None or fit.weights == published:
+        return fit
+    if fold_temperature:
+        fix = 'pass --use-ema (use_ema=True)' if fit.weights == 'ema' else 'drop --use-ema (use_ema=False)'
+        raise ValueError(f'checkpoint {checkpoint.path!r}: its temperature was fitted for the {_WEIGHTS[fit.weights]}, '
+                         f'not the {_WEIGHTS[published]} being published: {fix}, or publish the weights unfolded '
+                         f'with --no-fold-temperature (fold_temperature=False).')
+    _logger.warning(f'checkpoint {checkpoint.path!r}: its temperature was fitted for the {_WEIGHTS[fit.weights]}, '
+                    f'not the {_WEIGHTS[published]} published: the published files do not mention it.')
+    return None
 
 
 def _class_names(args: Dict[str, Any], num_classes: int) -> Optional[List[str]]:
@@ -374,7 +469,7 @@ def model_card(
     lines = ['---', metadata, '---', '', f'# {title}', '']
     lines += _card_details(checkpoint, model, config, load_name, base)
     lines += _card_training(args, data_name, conditions, split)
-    lines += _card_evaluation(final, rows, learning_curves)
+    lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'))
     lines += _card_usage(args, config, load_name, data_name)
     if training_command is not None:
         lines += ['## Training command', '', '```bash', training_command(args), '```', '']
@@ -438,7 +533,30 @@ def _card_details(checkpoint: TrainingCheckpoint, model: nn.Module, config: Dict
     ]
     if base:
         lines.append(f'- **Started from:** [{base}]({hub_url(base)})')
+    if config.get('calibration'):
+        lines.append(f'- **Calibration:** {_calibration_sentence(config["calibration"])}')
     return lines + ['']
+
+
+def _calibration_sentence(calibration: Dict[str, Any]) -> str:
+    """Whether the published logits are temperature-scaled, by which T, fitted on which images."""
+    t = f'T = {calibration["temperature"]:.4g}'
+    fitted = (f'fitted on {calibration["images"]} images: {calibration["source"]}; figures reported on '
+              f'{calibration["reported_on"]}')
+    if calibration['folded']:
+        return (f'the logits are temperature-scaled by {t} ({fitted}): the published classifier is the trained '
+                f'one divided by T, so the probabilities are calibrated and the predictions unchanged.')
+    return (f'the published weights are not calibrated (they are the weights as trained); dividing the logits '
+            f'by {t} ({fitted}) calibrates them.')
+
+
+def _calibration_rows(calibration: Dict[str, Any]) -> List[str]:
+    """NLL and ECE (percent) before and after temperature scaling, as rows of the metrics table."""
+    after = f'after (T = {calibration["temperature"]:.4g})'
+    return [f'| NLL, before temperature scaling | {calibration["nll_before"]:.3f} |',
+            f'| NLL, {after} | {calibration["nll_after"]:.3f} |',
+            f'| ECE (%), before temperature scaling | {_fmt(calibration["ece_before"])} |',
+            f'| ECE (%), {after} | {_fmt(calibration["ece_after"])} |']
 
 
 def _card_training(args: Dict[str, Any], data_name: str, conditions: str, split: str) -> List[str]:
@@ -466,15 +584,21 @@ def _card_training(args: Dict[str, Any], data_name: str, conditions: str, split:
     ]
 
 
-def _card_evaluation(final: Dict[str, float], rows: List[Dict[str, str]], learning_curves: bool) -> List[str]:
-    """The final metrics, every evaluated epoch, and the learning curves."""
+def _card_evaluation(final: Dict[str, float], rows: List[Dict[str, str]], learning_curves: bool,
+                     calibration: Optional[Dict[str, Any]] = None) -> List[str]:
+    """The final metrics (with NLL and ECE before and after temperature scaling), every evaluated epoch,
+    and the learning curves."""
     lines = ['## Evaluation', '']
-    if final:
+    if final or calibration:
         lines += ['| metric | value |', '|---|---|']
         lines += [f'| {name} | {_fmt(final[key])} |' for key, name in
                   (('top1', 'top-1 accuracy (%)'), ('top5', 'top-5 accuracy (%)'), ('loss', 'loss'))
                   if key in final]
+        lines += _calibration_rows(calibration) if calibration else []
         lines.append('')
+    if calibration:
+        lines += [f'NLL and ECE (expected calibration error) are measured on {calibration["reported_on"]} '
+                  f'({calibration["reported_images"]} images).', '']
     if rows:
         lines += ['Every evaluated epoch:', '', '| epoch | train loss | eval loss | top-1 | top-5 |',
                   '|---|---|---|---|---|']
@@ -483,7 +607,7 @@ def _card_evaluation(final: Dict[str, float], rows: List[Dict[str, str]], learni
                 _fmt(float(row[k])) if row.get(k) not in (None, '') else '' for k in
                 ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5')]) + ' |')
         lines.append('')
-    if not final and not rows:
+    if not final and not rows and not calibration:
         lines += ['No evaluation was recorded with this checkpoint.', '']
     if learning_curves:
         lines += ['## Learning curves', '', f'![Learning curves]({CURVES_FILE})', '']
@@ -546,15 +670,29 @@ _FOREIGN_PROVENANCE = ('origin_url', 'hf_hub_id', 'hf_hub_filename', 'url', 'fil
                        'paper_ids', 'paper_name', 'notes', 'description')
 
 
+def _published_model(checkpoint: TrainingCheckpoint,
+                     fold_temperature: bool) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
+    """The model to publish (its classifier divided by the fitted temperature when folding) and the
+    ``calibration`` object of its ``config.json`` (None when the checkpoint has none for these weights)."""
+    model = build_model(checkpoint)
+    calibration = published_calibration(checkpoint, fold_temperature)
+    if calibration is None:
+        return model, None
+    if fold_temperature:
+        input_size = resolve_data_config(checkpoint.args, model=model)['input_size']
+        fold_into_classifier(model, calibration.temperature, input_size)
+    return model, dict(calibration.to_dict(), folded=fold_temperature)
+
+
 def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[str], license: str,
                local_dir: Optional[str] = None, revision: Optional[str] = None,
-               training_command: Optional[TrainingCommand] = None) -> List[str]:
+               training_command: Optional[TrainingCommand] = None, fold_temperature: bool = True) -> List[str]:
     """Write the published files of ``checkpoint`` into the empty ``folder``; return their names.
 
     The card and ``config.json`` name ``repo_id`` (``revision``) when given, else the local folder
     ``local_dir``.
     """
-    model = build_model(checkpoint)
+    model, calibration = _published_model(checkpoint, fold_temperature)
     args = checkpoint.args
     data_config = resolve_data_config(args, model=model)
     labels = _class_names(args, model.num_classes)
@@ -580,6 +718,8 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[st
         config['model_args'] = model_args
     else:
         config.pop('model_args', None)
+    if calibration is not None:  # timm and transformers ignore keys they do not know
+        config['calibration'] = calibration
     with atomic_path(config_path) as tmp, open(tmp, 'w') as f:
         json.dump(config, f, indent=2)
     files = [WEIGHTS_FILE, CONFIG_FILE]
@@ -618,6 +758,7 @@ def export_checkpoint(
         use_ema: bool = False,
         license: str = 'apache-2.0',
         training_command: Optional[TrainingCommand] = None,
+        fold_temperature: bool = True,
 ) -> List[str]:
     """Write what :func:`push_checkpoint` would publish into a local folder (``local-dir:`` loadable).
 
@@ -633,9 +774,15 @@ def export_checkpoint(
         use_ema: publish the EMA weights when the checkpoint has them.
         license: the Hub license id written in the card.
         training_command: renders the training arguments as a command line for the card (see :func:`model_card`).
+        fold_temperature: divide the classifier by the temperature the checkpoint records (if any), so
+            that the published model returns calibrated logits; False publishes the weights as trained.
 
     Returns:
         The names of the files written.
+
+    Raises:
+        ValueError: a folder that is not new, a bad repo id, or a checkpoint that cannot be published (also:
+            folding a temperature fitted for the other weights, or into a classifier that is not linear).
     """
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
@@ -648,7 +795,7 @@ def export_checkpoint(
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output_dir)}.', dir=parent)
     try:
         files = _export_to(tmp, loaded, repo_id, license, local_dir=None if repo_id else output_dir,
-                           training_command=training_command)
+                           training_command=training_command, fold_temperature=fold_temperature)
         # safetensors (and mkstemp, mkdtemp) create private files; give them what a plain write would.
         file_mode, folder_mode = _default_modes(tmp)
         for name in files:
@@ -686,6 +833,7 @@ def push_checkpoint(
         create_pr: bool = False,
         replace_card: bool = False,
         training_command: Optional[TrainingCommand] = None,
+        fold_temperature: bool = True,
 ) -> str:
     """Publish a checkpoint of our ``train.py`` to the Hugging Face Hub as a plain timm model.
 
@@ -705,13 +853,16 @@ def push_checkpoint(
         create_pr: open a pull request against main instead of committing (``revision`` must be unset).
         replace_card: replace an existing ``README.md`` with this checkpoint's card.
         training_command: renders the training arguments as a command line for the card (see :func:`model_card`).
+        fold_temperature: divide the classifier by the temperature the checkpoint records (if any), so
+            that the published model returns calibrated logits; False publishes the weights as trained.
 
     Returns:
         The URL of the commit, or of the pull request with ``create_pr``.
 
     Raises:
         ValueError: bad repo id, no token, a pull request to a branch, or a checkpoint that cannot be
-            published; raised before any request to the Hub.
+            published (also: folding a temperature fitted for the other weights, or into a classifier
+            that is not linear); raised before any request to the Hub.
         HubPublishError: the Hub failed the upload; the commit was not made.
     """
     from huggingface_hub import HfApi, get_token
@@ -726,7 +877,8 @@ def push_checkpoint(
     branch = revision if revision and revision != 'main' else None
     with tempfile.TemporaryDirectory(prefix='timm-gsl-push-') as folder:
         # Everything that can fail here (architecture, weights, card) fails before the Hub is contacted.
-        files = _export_to(folder, loaded, repo_id, license, revision=branch, training_command=training_command)
+        files = _export_to(folder, loaded, repo_id, license, revision=branch, training_command=training_command,
+                           fold_temperature=fold_temperature)
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
         kept_card = False
         try:

@@ -31,6 +31,9 @@ def _add_publish_args(parser: argparse.ArgumentParser) -> None:
                         help='publish the checkpoint\'s EMA weights (state_dict_ema) when it has them')
     parser.add_argument('--license', default='apache-2.0', metavar='ID',
                         help='Hub license id written in the model card (default: apache-2.0)')
+    parser.add_argument('--no-fold-temperature', dest='fold_temperature', action='store_false', default=True,
+                        help="publish the weights as trained, without dividing the classifier by the checkpoint's "
+                             "fitted temperature")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,14 +81,15 @@ def _push(args: argparse.Namespace) -> None:
     url = push_checkpoint(args.checkpoint, args.repo_id, revision=args.revision, private=args.private,
                           commit_message=args.commit_message, token=args.token, use_ema=args.use_ema,
                           license=args.license, create_pr=args.hub_create_pr, replace_card=args.replace_card,
-                          training_command=training_command)
+                          training_command=training_command, fold_temperature=args.fold_temperature)
     print(f'Published {args.checkpoint} to {args.repo_id}{" as a pull request" if args.hub_create_pr else ""}: '
           f'{url}')
 
 
 def _export(args: argparse.Namespace) -> None:
     files = export_checkpoint(args.checkpoint, args.output_dir, repo_id=args.repo_id, use_ema=args.use_ema,
-                              license=args.license, training_command=training_command)
+                              license=args.license, training_command=training_command,
+                              fold_temperature=args.fold_temperature)
     print(f'Exported {args.checkpoint} to {args.output_dir}: {", ".join(files)}')
 
 

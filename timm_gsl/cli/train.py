@@ -37,7 +37,8 @@ from timm.task import TrainingTask
 
 from ..data import check_data_source
 from ..distillation import distillation_loss_names
-from ..engine import AtomicCheckpointSaver, GroupingMeter, NonFiniteLossError, TrainingState, evaluate
+from ..engine import CALIBRATION_METRICS, AtomicCheckpointSaver, GroupingMeter, NonFiniteLossError, TrainingState
+from ..engine import evaluate
 from ..engine import check_checkpoint_fits, format_summary, plot_learning_curves, read_summary
 from ..engine import train_one_epoch, write_text_atomic
 from ..hub import HubPublishError, push_checkpoint
@@ -49,6 +50,7 @@ from .train_build import Datasets, Loaders, Precision, Settings, adapt_batch_nor
 from .train_build import build_model, build_naflex_loaders, build_precision, build_schedule, build_settings
 from .train_build import build_task, check_groups_fit, mixup_active, prepare_task, probe_model, read_checkpoints
 from .train_build import resolve_classes_and_loss, resolve_learning_rate
+from .train_calibrate import calibrate_checkpoints
 from .train_args import EMBEDDED_RECIPE, apply_embedded_recipe, check_args, format_args, get_args_parser
 from .train_args import loss_name, parse_args, training_command, uses_embedded_recipe
 
@@ -187,7 +189,7 @@ class _Outputs:
 
 def _open_outputs(run: Run) -> _Outputs:
     args, task = run.args, run.task
-    outputs = _Outputs(metric_names=task.create_evaluator().metric_names)
+    outputs = _Outputs(metric_names=tuple(task.create_evaluator().metric_names) + CALIBRATION_METRICS)
     if not run.settings.primary:
         return outputs
     experiment = args.experiment or '-'.join([
@@ -328,7 +330,8 @@ def train(run: Run) -> Dict[str, Any]:
 
     Returns:
         ``{'best_metric', 'best_epoch', 'eval_metric', 'output_dir', 'history', 'last_metrics',
-        'clean_train_metrics'}``.
+        'clean_train_metrics', 'calibration'}`` (the published checkpoint's
+        :class:`~timm_gsl.calibration.CalibrationFit`, or None).
     """
     args, task = run.args, run.task
     started = time.time()
@@ -341,6 +344,7 @@ def train(run: Run) -> Dict[str, Any]:
                         tta_options=_tta_options(run))
     softmax_loss_of = _softmax_loss_picker(args)
     best_metric = best_epoch = None
+    interrupted = False
     eval_metrics: Dict[str, float] = {}
     clean_metrics: Dict[str, float] = {}
     try:
@@ -357,7 +361,8 @@ def train(run: Run) -> Dict[str, Any]:
                 # Blank columns on epochs without the measurement, so that every row matches the header.
                 measured = _measure_clean_train(run, epoch, eval_options)
                 clean_metrics = measured or clean_metrics
-                train_metrics.update((f'clean_{k}', measured[k] if measured else '') for k in ('loss', 'top1'))
+                train_metrics.update((f'clean_{k}', measured[k] if measured else '')
+                                     for k in ('loss', 'top1', *CALIBRATION_METRICS))
             _record_epoch(run, outputs, epoch, train_metrics, eval_metrics)
             if outputs.saver is not None:
                 metric = eval_metrics.get(args.eval_metric)
@@ -365,6 +370,7 @@ def train(run: Run) -> Dict[str, Any]:
             if run.lr_scheduler is not None:
                 run.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
     except KeyboardInterrupt:
+        interrupted = True
         _logger.warning('Interrupted: stopping after the last completed epoch.')
     except NonFiniteLossError:
         if outputs.wandb_run is not None:
@@ -375,14 +381,28 @@ def train(run: Run) -> Dict[str, Any]:
     summary = format_summary(best_metric, best_epoch, args.eval_metric, outputs.output_dir,
                              last_metrics=eval_metrics or None, elapsed_s=time.time() - started,
                              clean_train_metrics=clean_metrics or None)
+    calibration = None
     if run.settings.primary:
         for line in summary.splitlines():
             _logger.info(line)
+        calibration = _calibrate(run, outputs, eval_options, interrupted)
         if args.push_to_hub:
             publish_run(run.config, outputs.output_dir)
     return dict(best_metric=best_metric, best_epoch=best_epoch, eval_metric=args.eval_metric,
                 output_dir=outputs.output_dir, history=outputs.history, last_metrics=eval_metrics,
-                clean_train_metrics=clean_metrics)
+                clean_train_metrics=clean_metrics, calibration=calibration)
+
+
+def _calibrate(run: Run, outputs: _Outputs, eval_options: Dict[str, Any], interrupted: bool) -> Optional[Any]:
+    """The temperature fitted after training (:mod:`timm_gsl.cli.train_calibrate`), when the run calibrates."""
+    source = run.datasets.calibration_source
+    if source is None or outputs.output_dir is None:
+        return None
+    if interrupted:
+        _logger.warning('Calibration skipped: the run was interrupted (its checkpoints hold no temperature).')
+        return None
+    use_ema = run.task.has_ema() and not run.args.model_ema_force_cpu
+    return calibrate_checkpoints(outputs.output_dir, run.loaders, source, eval_options, use_ema, run.args.seed)
 
 
 def _train_targets(args: argparse.Namespace) -> str:

@@ -42,7 +42,8 @@ from .flags import DATA_FLAGS, add_dataset_flags, add_device_flags, add_loader_f
 from .flags import add_naflex_flags, dataset_root, input_channels
 
 __all__ = [
-    'DATA_FLAGS', 'EMBEDDED_RECIPE', 'TRAIN_LOSSES', 'apply_embedded_recipe', 'check_args', 'format_args',
+    'CALIBRATION_SOURCES', 'DATA_FLAGS', 'EMBEDDED_RECIPE', 'MIN_CALIBRATION_IMAGES', 'TRAIN_LOSSES',
+    'apply_embedded_recipe', 'calibrates', 'check_args', 'format_args',
     'get_args_parser', 'loss_name', 'parse_args', 'training_command', 'uses_embedded_recipe',
 ]
 
@@ -259,6 +260,27 @@ def _add_fit_args(parser: argparse.ArgumentParser) -> None:
                        help='never measure the un-augmented training images')
 
 
+CALIBRATION_SOURCES = ('auto', 'holdout', 'val-crossfit')
+MIN_CALIBRATION_IMAGES = 20
+
+
+def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('Calibration (a temperature fitted after training)')
+    group.add_argument('--calibrate', action=argparse.BooleanOptionalAction, default=None,
+                       help='after training, fit a temperature T on held-out images and store it (with NLL and '
+                            'ECE before and after) in the checkpoints; published models fold it into their '
+                            'classifier (default: on for --loss gsl, off for other losses)')
+    group.add_argument('--calibration-source', default='auto', choices=CALIBRATION_SOURCES,
+                       help='images T is fitted on: holdout (the last N of each class\'s --seed draw from the '
+                            'training split, never trained on; without --samples-per-class they leave the '
+                            'training set), val-crossfit (the validation images, T fitted on all; the reported '
+                            'figures score each half with the T of the other), or auto: holdout when '
+                            '--samples-per-class leaves enough unused training images, else val-crossfit '
+                            '(default: auto)')
+    group.add_argument('--calibration-images-per-class', type=int, default=50, metavar='N',
+                       help='held-out calibration images per class for --calibration-source holdout (default: 50)')
+
+
 def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Batch norm parameters')
     group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
@@ -383,6 +405,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_augmentation_args(parser)
     _add_loss_args(parser)
     _add_fit_args(parser)
+    _add_calibration_args(parser)
     _add_misc_args(parser)
     add_naflex_flags(parser, training=True, title='NaFlex loader parameters (NaFlexViT models)')
     return parser
@@ -530,6 +553,7 @@ def check_args(args: argparse.Namespace) -> None:
     _check_naflex_flags(args, parser)
     _check_device_flags(args)
     _check_values(args)
+    _check_calibration_flags(args)
     _check_names_and_files(args)
 
 
@@ -651,6 +675,23 @@ def _check_device_flags(args: argparse.Namespace) -> None:
             raise ValueError(f'--push-to-hub {args.push_to_hub}: no Hugging Face token; set HF_TOKEN or run '
                              f'`hf auth login` before training (or drop --push-to-hub and publish later with '
                              f'`python -m timm_gsl push`).')
+
+
+def calibrates(args: argparse.Namespace) -> bool:
+    """Whether the run fits a temperature after training (``--calibrate``; by default with ``--loss gsl``)."""
+    return args.loss == 'gsl' if args.calibrate is None else bool(args.calibrate)
+
+
+def _check_calibration_flags(args: argparse.Namespace) -> None:
+    if not calibrates(args):
+        given = [flag for flag, changed in (
+            (f'--calibration-source {args.calibration_source}', args.calibration_source != 'auto'),
+            (f'--calibration-images-per-class {args.calibration_images_per_class}',
+             args.calibration_images_per_class != 50)) if changed]
+        if given:
+            why = '--no-calibrate' if args.calibrate is False else f'--loss {args.loss} (pass --calibrate to fit one)'
+            raise ValueError(f'{given[0]} would be ignored: no temperature is fitted with {why}.')
+    check_at_least('--calibration-images-per-class', args.calibration_images_per_class)
 
 
 def _check_values(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler
 
-from ..data import create_dataset, dataset_class_names
+from ..data import create_dataset, dataset_class_names, dataset_targets
 from ..distillation import create_distillation_task
 from ..engine import check_checkpoint_fits, read_checkpoint
 from ..head import classifier_layers
@@ -33,7 +33,7 @@ from ..naflex import create_naflex_eval_loader, create_naflex_mixup, create_nafl
 from ..task import GroupSoftmaxTask
 from .common import one_line
 from .flags import dataset_root, input_channels
-from .train_args import loss_name
+from .train_args import MIN_CALIBRATION_IMAGES, calibrates, loss_name
 
 __all__ = [
     'Datasets', 'Loaders', 'Precision', 'Settings', 'adapt_batch_norm', 'build_datasets', 'build_loaders',
@@ -109,12 +109,19 @@ class Settings:
 
 @dataclass
 class Datasets:
-    """The datasets of a run: training, evaluation, and the training images once each for the clean fit."""
+    """The datasets of a run: training, evaluation, and the training images once each for the clean fit.
+
+    ``calibration_source`` is where the temperature fitted after training comes from: 'holdout' (then
+    ``calibration`` holds those images, never trained on), 'val-crossfit' (the evaluation images), or None
+    (no calibration).
+    """
     train: Any
     eval: Any
     clean_train: Optional[Any]
     class_names: Optional[List[str]]
     num_train: Optional[int]
+    calibration: Optional[Any] = None
+    calibration_source: Optional[str] = None
 
 
 @dataclass
@@ -127,12 +134,18 @@ class Precision:
 
 @dataclass
 class Loaders:
-    """The data loaders; timm's ``Mixup`` when mixing happens in the loop; the model's NaFlex patch size."""
+    """The data loaders; timm's ``Mixup`` when mixing happens in the loop; the model's NaFlex patch size.
+
+    ``calibration`` (the held-out calibration images) and ``calibration_report`` (the evaluation images) are
+    loaders of the primary process alone, for the temperature fitted after training; None without calibration.
+    """
     train: Any
     eval: Any
     clean_train: Optional[Any] = None
     mixup_fn: Optional[Mixup] = None
     naflex_patch_size: Optional[Tuple[int, int]] = None
+    calibration: Optional[Any] = None
+    calibration_report: Optional[Any] = None
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
@@ -182,18 +195,17 @@ def build_datasets(args: argparse.Namespace, settings: Settings) -> Datasets:
         ValueError: a data condition the dataset cannot meet, named with the flags that set it.
     """
     conditions, common = _dataset_options(args, settings)
+    calibration, source = _calibration_dataset(args, conditions, common)
+    if source == 'holdout' and args.samples_per_class is None:
+        # The held-out images leave the training set (with --samples-per-class they were never in it).
+        conditions = dict(conditions, holdout_per_class=args.calibration_images_per_class)
     try:
         train = create_dataset(args.dataset, split=args.train_split, is_training=True,
                                num_samples=args.train_num_samples, repeats=args.epoch_repeats, **conditions, **common)
         evaluation = create_dataset(args.dataset, split=args.val_split, is_training=False,
                                     num_samples=args.val_num_samples, **conditions, **common)
     except ValueError as e:
-        given = [f'--class-subset {args.class_subset}' if args.class_subset is not None else '',
-                 f'--samples-per-class {args.samples_per_class}' if args.samples_per_class is not None else '']
-        given = [g for g in given if g]
-        if not given:
-            raise
-        raise ValueError(f'{" with ".join(given)}: {e}') from e
+        raise _with_condition_flags(args, e) from e
     # The training images once each, for the eval-mode fit measurement: a separate dataset object, so that
     # the evaluation transforms its loader gives it leave training alone.
     clean = None if args.no_train_eval else create_dataset(
@@ -203,7 +215,75 @@ def build_datasets(args: argparse.Namespace, settings: Settings) -> Datasets:
         num_train = len(train)
     except TypeError:
         num_train = args.train_num_samples
-    return Datasets(train, evaluation, clean, dataset_class_names(train), num_train)
+    names = dataset_class_names(train)
+    if source == 'val-crossfit':
+        check_calibration_images(evaluation, '--calibration-source val-crossfit (the validation images)',
+                                 len(names) if names else None)
+    return Datasets(train, evaluation, clean, names, num_train, calibration, source)
+
+
+def _with_condition_flags(args: argparse.Namespace, error: ValueError) -> ValueError:
+    """``error`` prefixed with the data-condition flags that caused it (itself when none was given)."""
+    given = [f'--class-subset {args.class_subset}' if args.class_subset is not None else '',
+             f'--samples-per-class {args.samples_per_class}' if args.samples_per_class is not None else '']
+    given = [g for g in given if g]
+    return ValueError(f'{" with ".join(given)}: {error}') if given else error
+
+
+def _calibration_dataset(args: argparse.Namespace, conditions: Dict[str, Any],
+                         common: Dict[str, Any]) -> Tuple[Optional[Any], Optional[str]]:
+    """The calibration images and their source ('holdout', 'val-crossfit'), or (None, None) without calibration.
+
+    ``auto`` takes the training-pool hold-out when ``--samples-per-class`` leaves enough unused images of every
+    class (the training images are then exactly those of a run without calibration), else the validation images.
+
+    Raises:
+        ValueError: ``--calibration-source holdout`` the training split cannot provide (too few images, a
+            class without any), naming the flags.
+    """
+    if not calibrates(args):
+        return None, None
+    wanted = args.calibration_source
+    if wanted == 'val-crossfit' or (wanted == 'auto' and args.samples_per_class is None):
+        return None, 'val-crossfit'
+    per_class = args.calibration_images_per_class
+    try:
+        holdout = create_dataset(args.dataset, split=args.train_split, is_training=True,
+                                 num_samples=args.train_num_samples, **conditions, **common,
+                                 holdout_per_class=per_class, part='holdout')
+        check_calibration_images(holdout, f'--calibration-images-per-class {per_class}')
+    except ValueError as e:
+        if wanted == 'auto':
+            _logger.info(f'Calibration: the training split cannot hold out {per_class} unused images per class '
+                         f'({one_line(e)}); the temperature is cross-fitted on the validation images instead.')
+            return None, 'val-crossfit'
+        raise ValueError(f'--calibration-source holdout with --calibration-images-per-class {per_class}: '
+                         f'{one_line(_with_condition_flags(args, e))}') from e
+    return holdout, 'holdout'
+
+
+def check_calibration_images(dataset: Any, what: str, num_classes: Optional[int] = None) -> None:
+    """Refuse calibration images that cannot fit a temperature: fewer than ``MIN_CALIBRATION_IMAGES``, or
+    (when ``num_classes`` is given) a class without any.
+
+    A dataset whose labels cannot be read without decoding images (an iterable one) is checked after its
+    logits are computed instead.
+
+    Raises:
+        ValueError: naming ``what`` (the flag) and what is needed.
+    """
+    try:
+        targets = dataset_targets(dataset)
+    except (ValueError, TypeError):
+        return
+    if len(targets) < MIN_CALIBRATION_IMAGES:
+        raise ValueError(f'{what} gives {len(targets)} calibration images, expected at least '
+                         f'{MIN_CALIBRATION_IMAGES}; pass --no-calibrate to train without a fitted temperature.')
+    missing = sorted(set(range(num_classes)) - set(int(t) for t in targets)) if num_classes else []
+    if missing:
+        raise ValueError(f'{what} has no image of class {missing[0]} ({len(missing)} of {num_classes} classes '
+                         f'missing), expected every class; pass --no-calibrate to train without a fitted '
+                         f'temperature.')
 
 
 def _model_options(args: argparse.Namespace) -> str:
@@ -431,11 +511,12 @@ def prepare_task(task: TrainingTask, args: argparse.Namespace, settings: Setting
 
 
 def _eval_loader(dataset: Any, args: argparse.Namespace, settings: Settings, data_config: Dict[str, Any],
-                 precision: Precision) -> Any:
+                 precision: Precision, distributed: Optional[bool] = None) -> Any:
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, distributed=settings.distributed,
+        std=data_config['std'], num_workers=args.workers,
+        distributed=settings.distributed if distributed is None else distributed,
         crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), pin_memory=args.pin_mem,
         img_dtype=precision.model_dtype or torch.float32, device=settings.device,
         use_prefetcher=not args.no_prefetcher)
@@ -483,7 +564,20 @@ def build_loaders(args: argparse.Namespace, settings: Settings, datasets: Datase
     evaluation = _eval_loader(datasets.eval, args, settings, data_config, precision)
     clean = None if datasets.clean_train is None else _eval_loader(
         datasets.clean_train, args, settings, data_config, precision)
-    return Loaders(train, evaluation, clean, mixup_fn)
+    local = partial(_eval_loader, args=args, settings=settings, data_config=data_config, precision=precision,
+                    distributed=False)
+    return Loaders(train, evaluation, clean, mixup_fn, None, *_calibration_loaders(datasets, settings, local))
+
+
+def _calibration_loaders(datasets: Datasets, settings: Settings,
+                         local_loader: Callable[[Any], Any]) -> Tuple[Optional[Any], Optional[Any]]:
+    """(calibration images, evaluation images) loaders of the primary process, or (None, None)."""
+    if datasets.calibration_source is None or not settings.primary:
+        return None, None
+    # Under torchrun the evaluation loader is distributed; the primary scores every image with its own loader.
+    report = local_loader(datasets.eval)
+    calibration = None if datasets.calibration is None else local_loader(datasets.calibration)
+    return calibration, report
 
 
 def build_naflex_loaders(args: argparse.Namespace, settings: Settings, datasets: Datasets,
@@ -511,7 +605,11 @@ def build_naflex_loaders(args: argparse.Namespace, settings: Settings, datasets:
                                            max_seq_len=args.naflex_max_seq_len, **common)
     clean = None if datasets.clean_train is None else create_naflex_eval_loader(
         datasets.clean_train, batch_size=eval_batch, max_seq_len=args.naflex_max_seq_len, **common)
-    return Loaders(train, evaluation, clean, naflex_patch_size=patch_size)
+    local = partial(create_naflex_eval_loader, batch_size=eval_batch, max_seq_len=args.naflex_max_seq_len,
+                    **dict(common, distributed=False))
+    calibration, report = _calibration_loaders(datasets, settings, local)
+    return Loaders(train, evaluation, clean, naflex_patch_size=patch_size, calibration=calibration,
+                   calibration_report=report)
 
 
 def build_schedule(args: argparse.Namespace, config: argparse.Namespace, optimizer: torch.optim.Optimizer,

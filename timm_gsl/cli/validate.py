@@ -55,6 +55,7 @@ from timm.utils import (
 )
 
 from .. import data as gsl_data
+from ..calibration import CalibrationFit, CalibrationMeter
 from ..engine import check_checkpoint_fits, read_checkpoint, write_text_atomic
 from ..naflex import is_naflex_batch, prepare_naflex_input
 from .common import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
@@ -452,10 +453,12 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     passed = _passed(args)
     _check_choices(args)
     checkpoint = None
+    temperature = None
     if args.checkpoint:
         # Read (without running anything in it) before the model and the data: a damaged or foreign file stops here.
         checkpoint = _read_checkpoint_file(args.checkpoint)
         _take_training_args(args, _recorded_args(checkpoint), passed)
+        temperature = _checkpoint_temperature(checkpoint, args)
         if 'model' not in passed:
             check_model_name(args.model, f'--checkpoint {args.checkpoint!r} records --model')
     # Without a checkpoint the weights must come from somewhere: the model's pretrained ones.
@@ -475,8 +478,22 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     model, data_config, test_time_pool = _prepare_model(model, args, device, model_dtype)
     loader, crop_pct, valid_labels, real_labels = _create_loader(args, model, data_config, test_time_pool, device,
                                                                  model_dtype)
-    meters = _evaluate(args, model, loader, data_config, device, model_dtype, autocast, valid_labels, real_labels)
+    meters = _evaluate(args, model, loader, data_config, device, model_dtype, autocast, valid_labels, real_labels,
+                       temperature)
     return _results(args, meters, real_labels, param_count, data_config, crop_pct)
+
+
+def _checkpoint_temperature(checkpoint: Optional[Dict[str, Any]], args: argparse.Namespace) -> Optional[float]:
+    """The temperature train.py fitted for the weights evaluated (``--use-ema`` or not), or None."""
+    fit = CalibrationFit.from_dict((checkpoint or {}).get('calibration'))
+    if fit is None:
+        return None
+    evaluated = 'ema' if args.use_ema and isinstance((checkpoint or {}).get('state_dict_ema'), dict) else 'model'
+    if fit.weights != evaluated:
+        _logger.info(f'The checkpoint\'s temperature was fitted for its {fit.weights} weights, not the {evaluated} '
+                     f'weights evaluated: no calibrated figures.')
+        return None
+    return fit.temperature
 
 
 def _set_up(args: argparse.Namespace):
@@ -607,10 +624,16 @@ def _create_loader(args: argparse.Namespace, model: nn.Module, data_config: Dict
 
 def _evaluate(args: argparse.Namespace, model: nn.Module, loader: Any, data_config: Dict[str, Any],
               device: torch.device, model_dtype: Optional[torch.dtype], autocast: Callable[[], Any],
-              valid_labels: Optional[List[int]], real_labels: Any) -> Dict[str, Any]:
-    """timm's evaluation loop: loss, top-1 and top-5 meters, and the predictions when --metrics-avg asks."""
+              valid_labels: Optional[List[int]], real_labels: Any,
+              temperature: Optional[float] = None) -> Dict[str, Any]:
+    """timm's evaluation loop: loss, top-1 and top-5 meters, and the predictions when --metrics-avg asks.
+
+    Also the calibration (NLL and ECE) of the logits, and of the logits divided by ``temperature`` when given.
+    """
     criterion = nn.CrossEntropyLoss().to(device)
     batch_time, losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
+    calibration = CalibrationMeter(device)
+    calibrated = CalibrationMeter(device) if temperature is not None else None
     all_predictions, all_targets = [], []
     model.eval()
     with torch.inference_mode():
@@ -640,6 +663,9 @@ def _evaluate(args: argparse.Namespace, model: nn.Module, loader: Any, data_conf
                 real_labels.add_result(output)
 
             batch_size = output.shape[0]
+            calibration.update(output.float(), target)
+            if calibrated is not None:
+                calibrated.update(output.float() / temperature, target)
             acc1, acc5 = accuracy(output.detach(), target, topk=(1, min(5, output.shape[1])))
             losses.update(loss.item(), batch_size)
             top1.update(acc1.item(), batch_size)
@@ -658,7 +684,9 @@ def _evaluate(args: argparse.Namespace, model: nn.Module, loader: Any, data_conf
                     f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  '
                     f'Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
 
-    return dict(top1=top1, top5=top5, predictions=all_predictions, targets=all_targets)
+    return dict(top1=top1, top5=top5, predictions=all_predictions, targets=all_targets,
+                calibration=calibration.compute(),
+                calibrated=None if calibrated is None else dict(calibrated.compute(), temperature=temperature))
 
 
 def _results(args: argparse.Namespace, meters: Dict[str, Any], real_labels: Any, param_count: int,
@@ -675,6 +703,10 @@ def _results(args: argparse.Namespace, meters: Dict[str, Any], real_labels: Any,
     if args.metrics_avg:
         metrics = classification_metrics(torch.cat(all_predictions), torch.cat(all_targets), args.metrics_avg)
 
+    calibration, calibrated = meters['calibration'], meters['calibrated']
+    if calibrated is not None:
+        calibration.update({f'{k}_calibrated': v for k, v in calibrated.items() if k != 'temperature'},
+                           temperature=calibrated['temperature'])
     results = OrderedDict(
         model=args.model,
         top1=round(top1a, 4), top1_err=round(100 - top1a, 4),
@@ -684,9 +716,15 @@ def _results(args: argparse.Namespace, meters: Dict[str, Any], real_labels: Any,
         img_size=data_config['input_size'][-1],
         crop_pct=crop_pct,
         interpolation=data_config['interpolation'],
+        # After timm's keys, which keep their order.
+        **{k: round(v, 4) for k, v in calibration.items()},
     )
     summary = (f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
-               f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f})")
+               f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f}) "
+               f"NLL {results['nll']:.4f} ECE {results['ece']:.2f}%")
+    if calibrated is not None:
+        summary += (f" | at the checkpoint's temperature {results['temperature']:.4g}: NLL "
+                    f"{results['nll_calibrated']:.4f} ECE {results['ece_calibrated']:.2f}%")
     if metrics:
         avg = args.metrics_avg
         summary += (f' | Precision({avg}) {metrics[f"{avg}_precision"]:.3f} | Recall({avg}) '

@@ -28,6 +28,8 @@ def create_dataset(
         class_subset: Optional[Union[int, str]] = None,
         samples_per_class: Optional[int] = None,
         seed: int = 42,
+        holdout_per_class: int = 0,
+        part: str = 'train',
         **timm_kwargs: Any,
 ) -> torch.utils.data.Dataset:
     """Create the embedded dataset or any timm dataset, under the paper's data conditions.
@@ -42,6 +44,9 @@ def create_dataset(
             named in a file (one per line); kept classes are relabelled 0..K-1 in their original order.
         samples_per_class: keep N training images per class, drawn with ``seed`` (training only).
         seed: seed of the class and image draws; also passed to timm (iterable datasets shuffle with it).
+        holdout_per_class, part: training only: M images per class set aside for calibration, and whether to
+            return the images to train on (``part='train'``, never the set-aside ones) or the set-aside ones
+            (``'holdout'``); see :func:`apply_data_conditions`.
         **timm_kwargs: any other argument of :func:`timm.data.create_dataset` (class_map, download,
             batch_size, num_samples, input_img_mode, input_key, target_key, trust_remote_code, repeats,
             transform, ...). The embedded dataset honours ``transform``, ``target_transform`` and
@@ -67,7 +72,8 @@ def create_dataset(
         dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, seed=seed,
                                       **timm_kwargs)
     return apply_data_conditions(
-        dataset, class_subset=class_subset, samples_per_class=samples_per_class if is_training else None, seed=seed)
+        dataset, class_subset=class_subset, samples_per_class=samples_per_class if is_training else None, seed=seed,
+        holdout_per_class=holdout_per_class if is_training else 0, part=part if is_training else 'train')
 
 
 def reads_local_folder(name: str) -> bool:

@@ -2,7 +2,8 @@
 
 * :mod:`.train_epoch`: one epoch over a ``timm.task`` task (:func:`train_one_epoch`, :class:`TrainingState`,
   the grouping-health meter);
-* :mod:`.evaluate`: :func:`evaluate` over a loader with the task's evaluator;
+* :mod:`.evaluate`: :func:`evaluate` over a loader with the task's evaluator and the calibration meter,
+  :func:`predict` (the logits, for fitting a temperature);
 * :mod:`.batch`: what every batch goes through before the model;
 * :mod:`.saver`: :class:`AtomicCheckpointSaver`, timm's checkpoint saver with atomic files;
 * :mod:`.checkpoint_io`: safe checkpoint reading (:func:`read_checkpoint`) and shape checks;
@@ -10,8 +11,8 @@
 * :mod:`.report`: ``summary.csv`` read back, the learning-curve plot and the final summary.
 """
 from .atomic import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .checkpoint_io import check_checkpoint_fits, read_checkpoint
-from .evaluate import evaluate
+from .checkpoint_io import add_checkpoint_entry, check_checkpoint_fits, read_checkpoint
+from .evaluate import CALIBRATION_METRICS, evaluate, predict
 from .report import format_summary, plot_learning_curves, read_summary
 from .saver import AtomicCheckpointSaver
 from .train_epoch import (
@@ -20,9 +21,8 @@ from .train_epoch import (
 )
 
 __all__ = [
-    'AtomicCheckpointSaver', 'GroupingMeter', 'NonFiniteLossError', 'TrainingState', 'atomic_path',
-    'batch_loss_scale', 'check_checkpoint_fits', 'evaluate', 'format_grouping', 'format_summary', 'loss_is_finite',
-    'plot_learning_curves', 'read_checkpoint', 'read_summary', 'train_one_epoch', 'write_bytes_atomic',
-    'write_json_atomic',
-    'write_text_atomic',
+    'CALIBRATION_METRICS', 'AtomicCheckpointSaver', 'GroupingMeter', 'NonFiniteLossError', 'TrainingState',
+    'add_checkpoint_entry', 'atomic_path', 'batch_loss_scale', 'check_checkpoint_fits', 'evaluate', 'format_grouping', 'format_summary',
+    'loss_is_finite', 'plot_learning_curves', 'predict', 'read_checkpoint', 'read_summary', 'train_one_epoch',
+    'write_bytes_atomic', 'write_json_atomic', 'write_text_atomic',
 ]

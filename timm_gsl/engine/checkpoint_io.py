@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
 
-__all__ = ['check_checkpoint_fits', 'read_checkpoint']
+from .atomic import atomic_path
+
+__all__ = ['add_checkpoint_entry', 'check_checkpoint_fits', 'read_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -92,6 +94,24 @@ def read_checkpoint(path: str, flag: str) -> Dict[str, Any]:
         return {'state_dict': checkpoint}
     raise ValueError(f'{flag} {path!r} holds a {type(checkpoint).__name__} without a state dict; expected a '
                      f'checkpoint written by train.py (with "state_dict") or a plain state dict.')
+
+
+def add_checkpoint_entry(path: str, key: str, value: Any) -> None:
+    """Set ``checkpoint[key] = value`` in a checkpoint file, rewritten whole under a temporary name and renamed.
+
+    The file is read as :func:`read_checkpoint` reads it (weights only), so nothing in it runs; ``value`` must
+    be plain data (numbers, strings, lists, dicts) for the result to stay loadable with ``weights_only``. A file
+    hard-linked elsewhere (timm's saver links ``model_best.pth.tar`` to ``last.pth.tar``) gets its own copy.
+
+    Args:
+        path: a checkpoint written by train.py.
+        key: the top-level entry to set.
+        value: its value.
+    """
+    checkpoint = read_checkpoint(path, 'checkpoint')
+    checkpoint[key] = value
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def check_checkpoint_fits(checkpoint: Dict[str, Any], model: nn.Module, arch: str, flag: str, path: str) -> None:
