@@ -66,13 +66,14 @@ from experiments.overfit_study import (
 )
 from experiments.reproduce import (
     FASHION_MNIST_DIR,
+    REPO_ROOT,
     load_results,
     prepare_fashion_mnist,
     train_in_subprocess,
     write_json,
 )
 
-__all__ = ['ReplicationDesign', 'extract_logits', 'get_args_parser', 'logits_path', 'main', 'plan_runs',
+__all__ = ['QUICK_DESIGN', 'ReplicationDesign', 'extract_logits', 'get_args_parser', 'logits_path', 'main', 'plan_runs',
            'result_path', 'run_one']
 
 REPORT_FILE = 'report.md'
@@ -111,7 +112,8 @@ class ReplicationDesign:
                        self.grouping)
 
 
-QUICK_DESIGN = ReplicationDesign(recipe=Recipe(epochs=2, val_interval=1), classes=3, samples_per_class=16,
+# 3 classes x 64 images: three batches of 64 an epoch (timm drops a last partial training batch).
+QUICK_DESIGN = ReplicationDesign(recipe=Recipe(epochs=2, val_interval=1), classes=3, samples_per_class=64,
                                  seeds=(5,), calib_per_class=8, original=())
 
 
@@ -260,8 +262,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              '--output folders)')
     parser.add_argument('--threads', type=_number(int, 1), default=None, metavar='N',
                         help='OMP/MKL threads of each run (default: inherited)')
-    parser.add_argument('--quick', action='store_true', help='tiny smoke design (3 classes x 16 images, 2 epochs)')
-    parser.add_argument('--study-results', default=os.path.join('results', 'overfit', 'results'), metavar='DIR',
+    parser.add_argument('--quick', action='store_true', help='tiny smoke design (3 classes x 64 images, 2 epochs)')
+    parser.add_argument('--study-results', default=os.path.join(REPO_ROOT, 'results', 'overfit', 'results'),
+                        metavar='DIR',
                         help='the over-fitting study\'s run JSONs, for the pooled seeds (default: %(default)s)')
     parser.add_argument('--fashion-mnist-dir', default=FASHION_MNIST_DIR, metavar='DIR',
                         help='the Debian IDX files (default: %(default)s)')
@@ -274,8 +277,8 @@ def write_report(output: str, design: ReplicationDesign, study_results: str) -> 
     """Rebuild ``output/report.md`` from the run JSONs and logits present; returns the number of runs."""
     from experiments.replication_report import format_report  # torch is only needed from here on
     records = load_results(output)
-    study = [r for r in load_results(os.path.dirname(study_results.rstrip('/')) or '.')] if os.path.isdir(
-        study_results) else []
+    # load_results reads FOLDER/results: the study's JSONs are in its results/ folder.
+    study = load_results(os.path.dirname(os.path.abspath(study_results))) if os.path.isdir(study_results) else []
     text = format_report(design, records, study, os.path.join(output, 'results'))
     from timm_gsl.engine.atomic import write_text_atomic
     write_text_atomic(os.path.join(output, REPORT_FILE), text)
@@ -304,8 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"{list(design.seeds)}")
         runs = [spec for spec in runs if spec.seed in args.seeds]
     todo = [spec for spec in runs if not os.path.exists(result_path(args.output, spec))]
-    rates = throughputs([r for r in load_results(args.output)] or load_results(os.path.dirname(
-        args.study_results.rstrip('/')) or '.'))
+    rates = throughputs(load_results(args.output) or load_results(os.path.dirname(os.path.abspath(
+        args.study_results))))
     seconds = [estimate_seconds(spec, rates) for spec in todo]
     print(f'{len(runs)} runs planned, {len(runs) - len(todo)} done, {len(todo)} to go: about '
           f'{sum(seconds) / 3600:.2f} h.', flush=True)
