@@ -86,8 +86,8 @@ __all__ = [
     'Comparison', 'Curve', 'GateCondition', 'GateResult', 'PairedStats', 'Recipe', 'RunSpec', 'StudyDesign',
     'QUICK_DESIGN', 'build_design', 'estimate_seconds', 'format_report', 'gate_check', 'gate_conditions',
     'get_args_parser', 'git_state', 'holm_adjust', 'main', 'make_record', 'mean_curve', 'paired_stats',
-    'loss_curves', 'plan_runs', 'plot_loss_curves', 'result_path', 'run_one', 'summarize_history',
-    'throughputs', 'train_argv', 'write_report',
+    'loss_curves', 'plan_runs', 'plot_loss_curves', 'print_plan', 'result_path', 'run_one', 'run_sitting',
+    'summarize_history', 'throughputs', 'train_argv', 'write_report',
 ]
 
 STUDY_GROUPINGS: Tuple[str, ...] = ('discriminative', 'random', 'contiguous', 'zero-aware')
@@ -1246,11 +1246,59 @@ def _lock(output: str) -> Optional[Any]:
     return handle
 
 
+def print_plan(runs: Sequence[RunSpec], todo: Sequence[RunSpec], rates: Dict[str, float], listing: bool) -> None:
+    """Print how many runs are planned, done and to go with the hours left (and each pending run when ``listing``).
+
+    Args:
+        runs: the selected runs.
+        todo: those without a JSON yet.
+        rates: from :func:`throughputs`.
+        listing: also list every pending run with its estimate.
+    """
+    seconds = [estimate_seconds(spec, rates) for spec in todo]
+    source = ', '.join(f'recipe {k}: {v:.0f}' for k, v in sorted(rates.items()) if k != '*' and '/' not in k)
+    source = f'measured {source}' if source else f'{FALLBACK_IMAGES_PER_S:g} (assumed)'
+    print(f'{len(runs)} runs planned, {len(runs) - len(todo)} done, {len(todo)} to go: about '
+          f'{sum(seconds) / 3600:.2f} h at {source} training images/s.', flush=True)
+    if listing:
+        for spec, s in zip(todo, seconds):
+            print(f'  {spec.run_id}: {spec.train_images} images x {spec.recipe.epochs} epochs, ~{s:.0f} s '
+                  f'({s / 3600:.2f} h)')
+        print(f'Total: {sum(seconds) / 3600:.2f} h for {len(todo)} runs.')
+
+
+def run_sitting(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                train: Callable[[str], int]) -> Optional[int]:
+    """One sitting of a study in ``args.output``: prepare the data, hold the folder's lock, run ``train(data_dir)``.
+
+    Args:
+        parser: for a one-line error about ``--fashion-mnist-dir``.
+        args: with ``output``, ``fashion_mnist_dir`` and ``data_cache``.
+        train: trains the pending runs given the data folder; returns how many failed.
+
+    Returns:
+        What ``train`` returned, or None (with a message) when another sitting holds the folder.
+    """
+    try:
+        data_dir = prepare_fashion_mnist(args.fashion_mnist_dir, args.data_cache)
+    except ValueError as e:
+        parser.error(str(e))
+    lock = _lock(args.output)
+    if lock is None:
+        print(f'Another sitting is running in {args.output} (it holds {args.output}/.lock); one at a time.',
+              file=sys.stderr)
+        return None
+    try:
+        # A sitting killed mid-run leaves that run's checkpoints behind; the lock says no other sitting is here.
+        shutil.rmtree(os.path.join(args.output, '.scratch'), ignore_errors=True)
+        return train(data_dir)
+    finally:
+        lock.close()
+
+
 def _train(design: StudyDesign, todo: Sequence[RunSpec], output: str, data_dir: str,
            threads: Optional[int]) -> int:
     """Train ``todo`` one after the other, rebuilding the report after each; returns the number that failed."""
-    # A sitting killed mid-run leaves that run's checkpoints behind; the lock says no other sitting is here.
-    shutil.rmtree(os.path.join(output, '.scratch'), ignore_errors=True)
     failed = 0
     for i, spec in enumerate(todo, 1):
         try:
@@ -1290,33 +1338,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = [spec for spec in runs if spec.seed in args.seeds]
     todo = [spec for spec in runs if not os.path.exists(result_path(args.output, spec))]
     rates = throughputs(load_results(args.output))
-    seconds = [estimate_seconds(spec, rates) for spec in todo]
-    source = ', '.join(f'recipe {k}: {v:.0f}' for k, v in sorted(rates.items()) if k != '*' and '/' not in k)
-    source = f'measured {source}' if source else f'{FALLBACK_IMAGES_PER_S:g} (assumed)'
-    print(f'{len(runs)} runs planned, {len(runs) - len(todo)} done, {len(todo)} to go: about '
-          f'{sum(seconds) / 3600:.2f} h at {source} training images/s.', flush=True)
+    print_plan(runs, todo, rates, args.plan)
     if args.plan:
-        for spec, s in zip(todo, seconds):
-            print(f'  {spec.run_id}: {spec.train_images} images x {spec.recipe.epochs} epochs, ~{s:.0f} s '
-                  f'({s / 3600:.2f} h)')
-        print(f'Total: {sum(seconds) / 3600:.2f} h for {len(todo)} runs.')
         return 0
     failed = 0
     if training:
-        try:
-            data_dir = prepare_fashion_mnist(args.fashion_mnist_dir, args.data_cache)
-        except ValueError as e:
-            parser.error(str(e))
-        lock = _lock(args.output)
-        if lock is None:
-            print(f'Another sitting is running in {args.output} (it holds {args.output}/.lock); one at a time.',
-                  file=sys.stderr)
+        failed = run_sitting(parser, args, lambda data_dir: _train(
+            design, todo[:args.max_runs] if args.max_runs is not None else todo, args.output, data_dir, args.threads))
+        if failed is None:
             return 1
-        try:
-            failed = _train(design, todo[:args.max_runs] if args.max_runs is not None else todo, args.output,
-                            data_dir, args.threads)
-        finally:
-            lock.close()
     records = write_report(args.output, design)
     print(f'Report: {os.path.join(args.output, REPORT_FILE)} ({len(records)} runs).')
     return 1 if failed else 0

@@ -56,11 +56,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from experiments.overfit_study import (
     Recipe,
     RunSpec,
-    _lock,
     _number,
-    estimate_seconds,
     git_state,
     make_record,
+    print_plan,
+    run_sitting,
     throughputs,
     train_argv,
 )
@@ -68,7 +68,6 @@ from experiments.reproduce import (
     FASHION_MNIST_DIR,
     REPO_ROOT,
     load_results,
-    prepare_fashion_mnist,
     train_in_subprocess,
     write_json,
 )
@@ -285,6 +284,22 @@ def write_report(output: str, design: ReplicationDesign, study_results: str) -> 
     return len(records)
 
 
+def _train(design: ReplicationDesign, todo: Sequence[RunSpec], output: str, data_dir: str,
+           threads: Optional[int]) -> int:
+    """Train ``todo`` one after the other; returns the number that failed."""
+    failed = 0
+    for i, spec in enumerate(todo, 1):
+        try:
+            record = run_one(spec, design, output, data_dir, threads)
+        except RuntimeError as e:
+            failed += 1
+            print(f'[{i}/{len(todo)}] FAILED {e}', file=sys.stderr, flush=True)
+            continue
+        print(f'[{i}/{len(todo)}] {spec.run_id}: test top-1 {record["test_top1"]:.2f} (from logits '
+              f'{record["test_top1_from_logits"]:.2f}), {record["wall_s"]:.0f} s', flush=True)
+    return failed
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Plan, run what is pending, and rebuild the report.
 
@@ -309,38 +324,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     todo = [spec for spec in runs if not os.path.exists(result_path(args.output, spec))]
     rates = throughputs(load_results(args.output) or load_results(os.path.dirname(os.path.abspath(
         args.study_results))))
-    seconds = [estimate_seconds(spec, rates) for spec in todo]
-    print(f'{len(runs)} runs planned, {len(runs) - len(todo)} done, {len(todo)} to go: about '
-          f'{sum(seconds) / 3600:.2f} h.', flush=True)
+    print_plan(runs, todo, rates, args.plan)
     if args.plan:
-        for spec, s in zip(todo, seconds):
-            print(f'  {spec.run_id}: ~{s:.0f} s ({s / 3600:.2f} h)')
         return 0
     failed = 0
     if training:
-        try:
-            data_dir = prepare_fashion_mnist(args.fashion_mnist_dir, args.data_cache)
-        except ValueError as e:
-            parser.error(str(e))
-        lock = _lock(args.output)
-        if lock is None:
-            print(f'Another sitting is running in {args.output} (it holds {args.output}/.lock); one at a time.',
-                  file=sys.stderr)
+        failed = run_sitting(parser, args, lambda data_dir: _train(
+            design, todo[:args.max_runs] if args.max_runs is not None else todo, args.output, data_dir, args.threads))
+        if failed is None:
             return 1
-        try:
-            import shutil
-            shutil.rmtree(os.path.join(args.output, '.scratch'), ignore_errors=True)
-            for i, spec in enumerate(todo[:args.max_runs] if args.max_runs is not None else todo, 1):
-                try:
-                    record = run_one(spec, design, args.output, data_dir, args.threads)
-                except RuntimeError as e:
-                    failed += 1
-                    print(f'[{i}/{len(todo)}] FAILED {e}', file=sys.stderr, flush=True)
-                    continue
-                print(f'[{i}/{len(todo)}] {spec.run_id}: test top-1 {record["test_top1"]:.2f} (from logits '
-                      f'{record["test_top1_from_logits"]:.2f}), {record["wall_s"]:.0f} s', flush=True)
-        finally:
-            lock.close()
     try:
         count = write_report(args.output, design, args.study_results)
         print(f'Report: {os.path.join(args.output, REPORT_FILE)} ({count} runs).')
