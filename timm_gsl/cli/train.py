@@ -22,7 +22,9 @@ import importlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,7 +41,7 @@ from ..data import check_data_source
 from ..distillation import distillation_loss_names
 from ..engine import CALIBRATION_METRICS, AtomicCheckpointSaver, GroupingMeter, NonFiniteLossError, TrainingState
 from ..engine import evaluate
-from ..engine import check_checkpoint_fits, format_summary, plot_learning_curves, read_summary
+from ..engine import check_checkpoint_fits, format_summary, plot_learning_curves, read_checkpoint, read_summary
 from ..engine import train_one_epoch, write_text_atomic
 from ..hub import HubPublishError, push_checkpoint
 from ..loss_factory import GSL_AUTO_THRESHOLD, resolve_gsl_type
@@ -55,12 +57,51 @@ from .train_args import EMBEDDED_RECIPE, apply_embedded_recipe, check_args, form
 from .train_args import loss_name, parse_args, training_command, uses_embedded_recipe
 
 __all__ = [
-    'EMBEDDED_RECIPE', 'GSL_AUTO_THRESHOLD', 'Run', 'Settings', 'apply_embedded_recipe', 'build_run', 'check_args',
-    'cli', 'get_args_parser', 'main', 'parse_args', 'publish_run', 'resolve_gsl_type', 'train',
-    'uses_embedded_recipe',
+    'EMBEDDED_RECIPE', 'GSL_AUTO_THRESHOLD', 'Run', 'RunInterrupted', 'Settings', 'apply_embedded_recipe',
+    'build_run', 'check_args', 'cli', 'get_args_parser', 'interrupted_message', 'main', 'parse_args', 'publish_run',
+    'resolve_gsl_type', 'train', 'uses_embedded_recipe',
 ]
 
 _logger = logging.getLogger('timm_gsl.train')
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A signal (SIGINT, SIGTERM) stopped the run; the exit status is 128 + the signal number, as shells expect.
+
+    A ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it.
+
+    Attributes:
+        signum: the signal.
+        output_dir: the run's folder (None on a process that writes none, or before it exists).
+    """
+
+    def __init__(self, signum: int, output_dir: Optional[str] = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.output_dir = output_dir
+
+
+_MAIN_PID = [0]  # the process that installed the handlers; forked data-loader workers inherit them
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    if os.getpid() != _MAIN_PID[0]:
+        # A data-loader worker: PyTorch's worker loop expects KeyboardInterrupt and exits quietly on it.
+        raise KeyboardInterrupt
+    raise RunInterrupted(signum)
+
+
+def interrupted_message(error: RunInterrupted, argv: Sequence[str]) -> str:
+    """What an interrupted run says: nothing was published, and how to resume (one line)."""
+    name = signal.Signals(error.signum).name
+    head = f'train.py: interrupted by {name}; nothing was published and no temperature was fitted.'
+    last = os.path.join(error.output_dir, 'last.pth.tar') if error.output_dir else None
+    if last is None or not os.path.isfile(last):
+        return f'{head} No epoch was completed, so there is no checkpoint to resume from.'
+    epoch = read_checkpoint(last, 'last.pth.tar').get('epoch')
+    kept = [a for i, a in enumerate(argv) if a != '--resume' and (i == 0 or argv[i - 1] != '--resume')]
+    command = ' '.join(shlex.quote(a) for a in ['python', 'train.py', *kept, '--resume', last])
+    return f'{head} The checkpoints hold the completed epochs (last.pth.tar: epoch {epoch}); resume with: {command}'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +385,6 @@ def train(run: Run) -> Dict[str, Any]:
                         tta_options=_tta_options(run))
     softmax_loss_of = _softmax_loss_picker(args)
     best_metric = best_epoch = None
-    interrupted = False
     eval_metrics: Dict[str, float] = {}
     clean_metrics: Dict[str, float] = {}
     try:
@@ -369,9 +409,11 @@ def train(run: Run) -> Dict[str, Any]:
                 best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=metric)
             if run.lr_scheduler is not None:
                 run.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
-    except KeyboardInterrupt:
-        interrupted = True
-        _logger.warning('Interrupted: stopping after the last completed epoch.')
+    except (KeyboardInterrupt, RunInterrupted) as e:
+        signum = getattr(e, 'signum', signal.SIGINT)
+        if outputs.wandb_run is not None:
+            outputs.wandb_run.finish(exit_code=128 + signum)
+        raise RunInterrupted(signum, outputs.output_dir) from None
     except NonFiniteLossError:
         if outputs.wandb_run is not None:
             outputs.wandb_run.finish(exit_code=1)
@@ -385,7 +427,7 @@ def train(run: Run) -> Dict[str, Any]:
     if run.settings.primary:
         for line in summary.splitlines():
             _logger.info(line)
-        calibration = _calibrate(run, outputs, eval_options, interrupted)
+        calibration = _calibrate(run, outputs, eval_options)
         if args.push_to_hub:
             publish_run(run.config, outputs.output_dir)
     return dict(best_metric=best_metric, best_epoch=best_epoch, eval_metric=args.eval_metric,
@@ -393,13 +435,10 @@ def train(run: Run) -> Dict[str, Any]:
                 clean_train_metrics=clean_metrics, calibration=calibration)
 
 
-def _calibrate(run: Run, outputs: _Outputs, eval_options: Dict[str, Any], interrupted: bool) -> Optional[Any]:
+def _calibrate(run: Run, outputs: _Outputs, eval_options: Dict[str, Any]) -> Optional[Any]:
     """The temperature fitted after training (:mod:`timm_gsl.cli.train_calibrate`), when the run calibrates."""
     source = run.datasets.calibration_source
     if source is None or outputs.output_dir is None:
-        return None
-    if interrupted:
-        _logger.warning('Calibration skipped: the run was interrupted (its checkpoints hold no temperature).')
         return None
     use_ema = run.task.has_ema() and not run.args.model_ema_force_cpu
     return calibrate_checkpoints(outputs.output_dir, run.loaders, source, eval_options, use_ema, run.args.seed)
@@ -491,26 +530,48 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     Returns:
         What :func:`train` returns. A refused command line (an unknown flag, a bad value or combination, a
         model timm does not have, a missing or unreadable file) exits with status 2 and one line,
-        ``train.py: error: <message>``, before any dataset is read or anything is written.
+        ``train.py: error: <message>``, before any dataset is read or anything is written. SIGINT (Ctrl-C) and
+        SIGTERM stop the run with status 130 and 143: the completed epochs' checkpoints stay, nothing is
+        calibrated or published, and one line says how to resume.
     """
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, explicit = parse_args(argv)
+    handlers = _catch_signals()
     try:
-        resolve_args(args, explicit)
-        check_args(args)
-        run = build_run(args)
-    except ValueError as e:
-        exit_with_error('train.py', e)
-    try:
+        try:
+            resolve_args(args, explicit)
+            check_args(args)
+            run = build_run(args)
+        except ValueError as e:
+            exit_with_error('train.py', e)
         return train(run)
     except NonFiniteLossError as e:
         # Every process raised together (the check is collective), so all of them leave here.
         raise SystemExit(f'train.py: error: {e}') from None
+    except (KeyboardInterrupt, RunInterrupted) as e:
+        # Interrupted while building (nothing written yet), in the loop (RunInterrupted names the run's folder),
+        # or after it, while calibrating or publishing (the checkpoints are complete; a Hub commit is all or
+        # nothing). Every process leaves with 128 + the signal number; the primary says how to resume.
+        error = e if isinstance(e, RunInterrupted) else RunInterrupted(signal.SIGINT)
+        if int(os.environ.get('RANK', '0')) == 0:
+            _logger.warning(interrupted_message(error, argv))
+        raise SystemExit(128 + error.signum) from None
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         # A process group left alive until interpreter exit can abort the process while its gloo
         # threads are torn down ("terminate called without an active exception").
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _catch_signals() -> Dict[int, Any]:
+    """Turn SIGINT and SIGTERM into :class:`RunInterrupted` (main thread only); returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    _MAIN_PID[0] = os.getpid()
+    return {signum: signal.signal(signum, _raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def cli() -> None:

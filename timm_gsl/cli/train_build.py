@@ -24,7 +24,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, TrainingTask, load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler
 
-from ..data import create_dataset, dataset_class_names, dataset_targets
+from ..data import ConditionedDataset, create_dataset, dataset_class_names, dataset_targets
 from ..distillation import create_distillation_task
 from ..engine import check_checkpoint_fits, read_checkpoint
 from ..head import classifier_layers
@@ -65,6 +65,8 @@ class Settings:
         lr_base_scale: how ``--lr-base`` was scaled ('linear', 'sqrt'; '' when ``--lr`` was given).
         dist_bn: how BatchNorm statistics are shared after each epoch ('' with SyncBatchNorm).
         data_dir: the dataset root (``--data-dir``, else the positional ``DIR``).
+        class_names: the training set's class names in label order (after ``--class-subset``), None when the
+            dataset records none; checkpoints keep them so that validate.py can score another dataset by name.
     """
     device: torch.device
     distributed: bool = False
@@ -77,6 +79,7 @@ class Settings:
     lr_base_scale: str = ''
     dist_bn: str = 'reduce'
     data_dir: Optional[str] = None
+    class_names: Optional[List[str]] = None
 
     @property
     def primary(self) -> bool:
@@ -104,6 +107,7 @@ class Settings:
         if self.lr_base_scale:
             recorded.lr_base_scale = self.lr_base_scale
         recorded.dist_bn = self.dist_bn
+        recorded.class_names = None if self.class_names is None else [str(n) for n in self.class_names]
         return recorded
 
 
@@ -206,6 +210,8 @@ def build_datasets(args: argparse.Namespace, settings: Settings) -> Datasets:
                                     num_samples=args.val_num_samples, **conditions, **common)
     except ValueError as e:
         raise _with_condition_flags(args, e) from e
+    names = dataset_class_names(train)
+    _check_split_class_names(args, settings, train, evaluation)
     # The training images once each, for the eval-mode fit measurement: a separate dataset object, so that
     # the evaluation transforms its loader gives it leave training alone.
     clean = None if args.no_train_eval else create_dataset(
@@ -215,11 +221,37 @@ def build_datasets(args: argparse.Namespace, settings: Settings) -> Datasets:
         num_train = len(train)
     except TypeError:
         num_train = args.train_num_samples
-    names = dataset_class_names(train)
     if source == 'val-crossfit':
         check_calibration_images(evaluation, '--calibration-source val-crossfit (the validation images)',
                                  len(names) if names else None)
     return Datasets(train, evaluation, clean, names, num_train, calibration, source)
+
+
+def _check_split_class_names(args: argparse.Namespace, settings: Settings, train: Any, evaluation: Any) -> None:
+    """Refuse training and validation splits whose classes differ (when both record their class names).
+
+    An image folder numbers its class folders in name order, split by split: with other folders in the
+    validation split, the same label would mean another class there (and ``--class-subset K`` would draw
+    other classes).
+
+    Raises:
+        ValueError: naming both splits, the data and the first names only in one of them.
+    """
+    kept = dataset_class_names(train), dataset_class_names(evaluation)
+    if None in kept or kept[0] == kept[1]:
+        return
+    # Under --class-subset, the classes the splits hold before the subset is taken: where a difference comes from.
+    whole = tuple(dataset_class_names(d.base if isinstance(d, ConditionedDataset) else d) for d in (train, evaluation))
+    train_names, eval_names = whole if None not in whole and whole[0] != whole[1] else kept
+    in_train, in_eval = set(train_names), set(eval_names)
+    only_train, only_eval = [n for n in train_names if n not in in_eval], [n for n in eval_names if n not in in_train]
+    differ = (f'only in the training split: {only_train[:5]}, only in the validation split: {only_eval[:5]}'
+              if only_train or only_eval else 'the same classes in another label order')
+    data = f' of {settings.data_dir!r}' if settings.data_dir else (f' of {args.dataset!r}' if args.dataset else '')
+    error = ValueError(f'--train-split {args.train_split!r} and --val-split {args.val_split!r}{data} have different '
+                       f'classes ({differ}), so one label would name two classes; expected the same class folders '
+                       f'in both splits.')
+    raise _with_condition_flags(args, error)
 
 
 def _with_condition_flags(args: argparse.Namespace, error: ValueError) -> ValueError:
@@ -657,7 +689,7 @@ def read_checkpoints(args: argparse.Namespace):
 def resolve_classes_and_loss(args: argparse.Namespace, settings: Settings, datasets: Datasets) -> None:
     """The class count from the training set, and the loss type ``--gsl-type auto`` picks for its size."""
     names = datasets.class_names
-    settings.num_classes = args.num_classes
+    settings.num_classes, settings.class_names = args.num_classes, names
     if args.num_classes is None and names:
         settings.num_classes = len(names)
         _logger.info(f'{settings.num_classes} classes, from the training set.')

@@ -9,6 +9,9 @@ own script. What this front adds:
 * with no data flags (``data``, ``--data-dir``, ``--dataset``) it evaluates on the validation split of
   the dataset shipped with the package (:data:`timm_gsl.data.EMBEDDED_DATASET`);
 * ``--class-subset K|FILE`` with ``--seed`` selects and relabels classes exactly as training did;
+* a checkpoint that records its training classes' names scores a dataset that names its classes (an image
+  folder) by name: a folder with some of the trained classes is scored with the model's label ids for them,
+  one with a class the model was not trained on is refused;
 * a checkpoint written by our ``train.py`` keeps its training arguments under ``args``; every option
   the user did not pass that the checkpoint records (model, number of classes, input size and
   preprocessing, training data, class subset, seed) is taken from it, and the log says which;
@@ -56,6 +59,7 @@ from timm.utils import (
 
 from .. import data as gsl_data
 from ..calibration import CalibrationFit, CalibrationMeter
+from ..data.conditions import relabel_to_class_names
 from ..engine import check_checkpoint_fits, read_checkpoint, write_text_atomic
 from ..naflex import is_naflex_batch, prepare_naflex_input
 from .common import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
@@ -405,7 +409,22 @@ def _compile(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def _create_eval_dataset(args: argparse.Namespace, input_img_mode: str):
+def _create_eval_dataset(args: argparse.Namespace, input_img_mode: str, trained_names: Optional[List[str]] = None,
+                         recorded_subset: bool = False) -> Any:
+    """The evaluation split under the data conditions, labelled as the model was trained when names tell.
+
+    Args:
+        args: the options, with the checkpoint's training arguments filled in.
+        input_img_mode: 'RGB' or 'L'.
+        trained_names: the class names the checkpoint records in label order, or None.
+        recorded_subset: whether ``--class-subset`` came from the checkpoint (not the command line).
+
+    Returns:
+        The dataset. With ``trained_names`` (and no ``--valid-labels``), its labels are the training label ids
+        of its class names; a recorded class subset then keeps the trained classes by name, not by a new draw.
+    """
+    by_name = trained_names is not None and not args.valid_labels
+    keep_trained = by_name and recorded_subset and args.class_subset is not None
     timm_kwargs = dict(
         download=args.dataset_download,
         class_map=args.class_map,
@@ -421,10 +440,67 @@ def _create_eval_dataset(args: argparse.Namespace, input_img_mode: str):
         name, root = gsl_data.EMBEDDED_DATASET, None
     else:
         name, root = args.dataset, dataset_root(args)
-    return gsl_data.create_dataset(
+    dataset = gsl_data.create_dataset(
         name, root=root, split=args.split, is_training=False,
-        class_subset=args.class_subset, samples_per_class=getattr(args, 'samples_per_class', None),
-        seed=args.seed, **timm_kwargs)
+        class_subset=None if keep_trained else args.class_subset,
+        samples_per_class=getattr(args, 'samples_per_class', None), seed=args.seed, **timm_kwargs)
+    if keep_trained and gsl_data.dataset_class_names(dataset) is None:
+        # No names to keep the trained classes by: the recorded draw, as for a checkpoint without names.
+        dataset = gsl_data.apply_data_conditions(dataset, class_subset=args.class_subset, seed=args.seed)
+    if trained_names is not None and args.valid_labels:
+        _logger.info(f'--valid-labels {args.valid_labels!r}: the dataset\'s labels are read as positions in it; '
+                     f'its class names are not matched with those the checkpoint records.')
+    return _to_trained_labels(dataset, args, trained_names, keep_trained) if by_name else dataset
+
+
+def _data_description(args: argparse.Namespace) -> str:
+    """The evaluated data as the user named it (or the checkpoint did), for messages."""
+    if _uses_embedded_data(args):
+        return f'the {gsl_data.EMBEDDED_DATASET!r} split {args.split!r}'
+    root = dataset_root(args)
+    given = [f'--dataset {args.dataset!r}' if args.dataset else '',
+             f'{"--data-dir" if args.data_dir else "DIR"} {root!r}' if root else '']
+    return f'{" ".join(g for g in given if g)} (split {args.split!r})'
+
+
+def _to_trained_labels(dataset: Any, args: argparse.Namespace, trained_names: List[str], keep_trained: bool) -> Any:
+    """``dataset`` labelled with the training label id of each image's class name.
+
+    Args:
+        dataset: the evaluation split.
+        args: the options (for messages).
+        trained_names: the checkpoint's class names in label order.
+        keep_trained: leave out the classes the model was not trained on (a class subset recorded in the
+            checkpoint) instead of refusing them.
+
+    Returns:
+        ``dataset`` itself when it records no class names or the trained ones, else the relabelled view.
+
+    Raises:
+        ValueError: the dataset has a class the model was not trained on (unless ``keep_trained``), or none it was.
+    """
+    names = gsl_data.dataset_class_names(dataset)
+    if names is None or names == trained_names:
+        return dataset
+    trained = set(trained_names)
+    untrained = [n for n in names if n not in trained]
+    where, shown = _data_description(args), trained_names[:5] + (['...'] if len(trained_names) > 5 else [])
+    if (untrained and not keep_trained) or len(untrained) == len(names):
+        allowed = 'at least one class' if keep_trained else 'only classes'
+        raise ValueError(f'--checkpoint {args.checkpoint!r} was trained on {len(trained_names)} classes and '
+                         f'{where} has {len(untrained)} of its {len(names)} classes that are not among them: '
+                         f'{untrained[:5]}; expected {allowed} (class folders) named as the trained ones: {shown}.')
+    try:
+        relabelled = relabel_to_class_names(dataset, trained_names, drop_others=keep_trained)
+    except ValueError as e:
+        raise ValueError(f'--checkpoint {args.checkpoint!r} with {where}: {one_line(e)}') from e
+    if untrained:
+        _logger.info(f'Evaluating the {len(names) - len(untrained)} classes of {where} the checkpoint was trained '
+                     f'on (its --class-subset {args.class_subset}), leaving out {len(untrained)}, by class name.')
+    else:
+        _logger.info(f'{where} has {len(names)} of the {len(trained_names)} classes the checkpoint was trained on: '
+                     f'its images are scored with the model\'s own label ids for their class names.')
+    return relabelled
 
 
 def _read_valid_labels(path: str) -> List[int]:
@@ -453,12 +529,13 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     passed = _passed(args)
     _check_choices(args)
     checkpoint = None
-    temperature = None
+    temperature = trained_names = None
     if args.checkpoint:
         # Read (without running anything in it) before the model and the data: a damaged or foreign file stops here.
         checkpoint = _read_checkpoint_file(args.checkpoint)
         _take_training_args(args, _recorded_args(checkpoint), passed)
         temperature = _checkpoint_temperature(checkpoint, args)
+        trained_names = _trained_class_names(checkpoint, args)
         if 'model' not in passed:
             check_model_name(args.model, f'--checkpoint {args.checkpoint!r} records --model')
     # Without a checkpoint the weights must come from somewhere: the model's pretrained ones.
@@ -476,11 +553,33 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     param_count = sum(p.numel() for p in model.parameters())
     _logger.info(f'Model {args.model} created, param count: {param_count}')
     model, data_config, test_time_pool = _prepare_model(model, args, device, model_dtype)
-    loader, crop_pct, valid_labels, real_labels = _create_loader(args, model, data_config, test_time_pool, device,
-                                                                 model_dtype)
+    loader, crop_pct, valid_labels, real_labels = _create_loader(
+        args, model, data_config, test_time_pool, device, model_dtype, trained_names,
+        recorded_subset='class_subset' not in passed)
     meters = _evaluate(args, model, loader, data_config, device, model_dtype, autocast, valid_labels, real_labels,
                        temperature)
     return _results(args, meters, real_labels, param_count, data_config, crop_pct)
+
+
+def _trained_class_names(checkpoint: Optional[Dict[str, Any]], args: argparse.Namespace) -> Optional[List[str]]:
+    """The class names the checkpoint's training recorded, in label order.
+
+    Args:
+        checkpoint: the ``--checkpoint`` read.
+        args: the options, with the checkpoint's training arguments filled in (``num_classes``).
+
+    Returns:
+        The names; None when it records none (an older checkpoint, timm's) or a list that cannot name the
+        classifier's outputs (not ``--num-classes`` distinct strings; logged).
+    """
+    names = _recorded_args(checkpoint).get('class_names')
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        return None
+    if len(set(names)) != len(names) or (args.num_classes is not None and len(names) != args.num_classes):
+        _logger.warning(f'--checkpoint {args.checkpoint!r}: its {len(names)} recorded class names are not '
+                        f'{args.num_classes or len(names)} distinct names; the dataset\'s labels are used as they are.')
+        return None
+    return list(names)
 
 
 def _checkpoint_temperature(checkpoint: Optional[Dict[str, Any]], args: argparse.Namespace) -> Optional[float]:
@@ -578,15 +677,19 @@ def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.dev
 
 
 def _create_loader(args: argparse.Namespace, model: nn.Module, data_config: Dict[str, Any], test_time_pool: bool,
-                   device: torch.device, model_dtype: Optional[torch.dtype]):
-    """The evaluation dataset and loader (timm's, or its NaFlex one), and the label restrictions."""
+                   device: torch.device, model_dtype: Optional[torch.dtype], trained_names: Optional[List[str]] = None,
+                   recorded_subset: bool = False):
+    """The evaluation dataset and loader (timm's, or its NaFlex one), and the label restrictions.
+
+    ``trained_names`` and ``recorded_subset`` are :func:`_create_eval_dataset`'s.
+    """
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     if args.tf_preprocessing:
         try:
             import tensorflow  # noqa: F401
         except ImportError:
             raise ValueError('--tf-preprocessing needs TensorFlow (pip install tensorflow-cpu); it is not installed.')
-    dataset = _create_eval_dataset(args, input_img_mode)
+    dataset = _create_eval_dataset(args, input_img_mode, trained_names, recorded_subset)
     valid_labels = _read_valid_labels(args.valid_labels) if args.valid_labels else None
     real_labels = None
     if args.real_labels:

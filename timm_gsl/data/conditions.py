@@ -14,7 +14,8 @@ import torch.utils.data
 
 from .embedded import EmbeddedFashionMNIST
 
-__all__ = ['ConditionedDataset', 'apply_data_conditions', 'dataset_class_names', 'dataset_targets']
+__all__ = ['ConditionedDataset', 'apply_data_conditions', 'dataset_class_names', 'dataset_targets',
+           'relabel_to_class_names']
 
 
 class _Relabel:
@@ -200,6 +201,50 @@ def dataset_class_names(dataset: Any) -> Optional[List[str]]:
     if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
         return list(classes)
     return _names_from_index(getattr(dataset, 'class_to_idx', None))
+
+
+def relabel_to_class_names(dataset: Any, class_names: Sequence[str], drop_others: bool = False) -> Any:
+    """The dataset with each image labelled by the position of its class's name in ``class_names``.
+
+    What a model trained on ``class_names`` (in its label order) is scored against when the dataset numbers its
+    own classes differently (an image folder numbers its class folders in name order, so a folder holding some
+    of the classes gives them other labels). Labels are read without decoding images; an iterable dataset is
+    relabelled as its images are read (it cannot drop classes).
+
+    Args:
+        dataset: a dataset that records its class names (:func:`dataset_class_names`).
+        class_names: the names of the wanted labels, in label order.
+        drop_others: leave out the images of classes not in ``class_names`` instead of refusing them.
+
+    Returns:
+        ``dataset`` itself when its class names are ``class_names``, else a :class:`ConditionedDataset` over it
+        (or, iterable, ``dataset`` with a relabelling target transform).
+
+    Raises:
+        ValueError: the dataset records no class names, has classes not in ``class_names`` (unless
+            ``drop_others``), or none that are.
+    """
+    names, wanted = dataset_class_names(dataset), list(class_names)
+    if names is None:
+        raise ValueError(f'{type(dataset).__name__} records no class names; expected a dataset that does.')
+    if names == wanted:
+        return dataset
+    index = {name: i for i, name in enumerate(wanted)}
+    label_map = {label: index[name] for label, name in enumerate(names) if name in index}
+    others = [name for name in names if name not in index]
+    if (others and not drop_others) or not label_map:
+        raise ValueError(f'{type(dataset).__name__} has classes {others[:5]} ({len(others)} of {len(names)}) not '
+                         f'among class_names; expected {"at least one" if drop_others else "only"} classes named '
+                         f'in {wanted[:5]} ({len(wanted)} names).')
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if others:
+            raise ValueError(f'{type(dataset).__name__} is iterable: its classes {others[:5]} cannot be left out; '
+                             f'expected only classes named in {wanted[:5]} ({len(wanted)} names).')
+        dataset.target_transform = _Relabel(label_map, getattr(dataset, 'target_transform', None))
+        return dataset
+    targets = dataset_targets(dataset)
+    kept = [i for i, target in enumerate(targets) if target in label_map]
+    return ConditionedDataset(dataset, kept, [label_map[targets[i]] for i in kept], label_map, wanted)
 
 
 def check_samples_per_class(samples_per_class: Any) -> None:
