@@ -40,7 +40,7 @@ from timm.task import TrainingTask
 from ..data import check_data_source
 from ..distillation import distillation_loss_names
 from ..engine import CALIBRATION_METRICS, AtomicCheckpointSaver, GroupingMeter, NonFiniteLossError, TrainingState
-from ..engine import evaluate
+from ..engine import RunFolder, RunFolderError, claim_run_folder, evaluate
 from ..engine import check_checkpoint_fits, format_summary, plot_learning_curves, read_checkpoint, read_summary
 from ..engine import train_one_epoch, write_text_atomic
 from ..hub import HubPublishError, push_checkpoint
@@ -51,7 +51,7 @@ from .flags import input_channels
 from .train_build import Datasets, Loaders, Precision, Settings, adapt_batch_norm, build_datasets, build_loaders
 from .train_build import build_model, build_naflex_loaders, build_precision, build_schedule, build_settings
 from .train_build import build_task, check_groups_fit, mixup_active, prepare_task, probe_model, read_checkpoints
-from .train_build import resolve_classes_and_loss, resolve_learning_rate
+from .train_build import check_data_sizes, resolve_classes_and_loss, resolve_learning_rate
 from .train_calibrate import calibrate_checkpoints
 from .train_args import EMBEDDED_RECIPE, apply_embedded_recipe, check_args, format_args, get_args_parser
 from .train_args import loss_name, parse_args, training_command, uses_embedded_recipe
@@ -176,6 +176,7 @@ def build_run(args: argparse.Namespace) -> Run:
             del probe
     resume_checkpoint, initial_checkpoint = read_checkpoints(args)
     datasets = build_datasets(args, settings)
+    check_data_sizes(args, settings, datasets)
     resolve_classes_and_loss(args, settings, datasets)
     model = build_model(args, settings, initial_checkpoint)
     del initial_checkpoint
@@ -226,6 +227,7 @@ class _Outputs:
     wandb_run: Any = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     metric_names: Sequence[str] = ()
+    folder: Optional[RunFolder] = None
 
 
 def _open_outputs(run: Run) -> _Outputs:
@@ -233,9 +235,8 @@ def _open_outputs(run: Run) -> _Outputs:
     outputs = _Outputs(metric_names=tuple(task.create_evaluator().metric_names) + CALIBRATION_METRICS)
     if not run.settings.primary:
         return outputs
-    experiment = args.experiment or '-'.join([
-        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(run.data_config['input_size'][-1])])
-    outputs.output_dir = output_dir = utils.get_outdir(args.output or './output/train', experiment)
+    outputs.folder = _claim_output_folder(run)
+    outputs.output_dir = output_dir = outputs.folder.path
     outputs.saver = AtomicCheckpointSaver(
         model=task.get_trainable_module(), optimizer=run.optimizer, args=run.config,
         amp_scaler=run.precision.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
@@ -255,6 +256,22 @@ def _open_outputs(run: Run) -> _Outputs:
                 tags=args.wandb_tags or None, id=args.wandb_resume_id or None,
                 resume='must' if args.wandb_resume_id else None)
     return outputs
+
+
+def _claim_output_folder(run: Run) -> RunFolder:
+    """Lock the run's folder: ``--experiment``'s, or a new timestamped one (timm's name; '-1', '-2' when taken)."""
+    args = run.args
+    root = args.output or './output/train'
+    if args.experiment:
+        return claim_run_folder(os.path.join(root, args.experiment), args.resume)
+    name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
+                     str(run.data_config['input_size'][-1])])
+    for suffix in [''] + [f'-{i}' for i in range(1, 100)]:
+        try:
+            return claim_run_folder(os.path.join(root, name + suffix), args.resume)
+        except RunFolderError:
+            continue  # another run took this name in the same second
+    raise RunFolderError(f'--output {root!r}: 100 runs named {name!r} already; pass --experiment NAME.')
 
 
 def _training_state(run: Run, outputs: _Outputs, progress: bool) -> TrainingState:
@@ -373,10 +390,24 @@ def train(run: Run) -> Dict[str, Any]:
         ``{'best_metric', 'best_epoch', 'eval_metric', 'output_dir', 'history', 'last_metrics',
         'clean_train_metrics', 'calibration'}`` (the published checkpoint's
         :class:`~timm_gsl.calibration.CalibrationFit`, or None).
+
+    Raises:
+        RunFolderError: the output folder belongs to another run (live or finished) and this run does not
+            resume it.
+        RunInterrupted: SIGINT or SIGTERM (the completed epochs' checkpoints stay; nothing is published).
     """
-    args, task = run.args, run.task
     started = time.time()
     outputs = _open_outputs(run)
+    try:
+        return _train(run, outputs, started)
+    finally:
+        if outputs.folder is not None:
+            outputs.folder.release()
+
+
+def _train(run: Run, outputs: _Outputs, started: float) -> Dict[str, Any]:
+    """:func:`train` once its folder is claimed."""
+    args, task = run.args, run.task
     progress = run.settings.primary and sys.stderr.isatty()
     state = _training_state(run, outputs, progress)
     eval_options = dict(device=run.device, amp_autocast=run.precision.amp_autocast, channels_last=args.channels_last,
@@ -549,6 +580,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except NonFiniteLossError as e:
         # Every process raised together (the check is collective), so all of them leave here.
         raise SystemExit(f'train.py: error: {e}') from None
+    except RunFolderError as e:
+        exit_with_error('train.py', e)
     except (KeyboardInterrupt, RunInterrupted) as e:
         # Interrupted while building (nothing written yet), in the loop (RunInterrupted names the run's folder),
         # or after it, while calibrating or publishing (the checkpoints are complete; a Hub commit is all or

@@ -30,6 +30,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..data import EMBEDDED_DATASET
 from ..distillation import check_distillation_options
+from ..engine.run_folder import check_run_folder
 from ..engine.tta import check_tta
 from ..functional import GROUPINGS
 from ..hub import check_publish_options
@@ -555,6 +556,7 @@ def check_args(args: argparse.Namespace) -> None:
     _check_values(args)
     _check_calibration_flags(args)
     _check_names_and_files(args)
+    _check_output_folder(args)
 
 
 def _distillation_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
@@ -713,6 +715,15 @@ def _check_values(args: argparse.Namespace) -> None:
 
 
 _CHECKPOINT_EXPECTED = 'a checkpoint written by train.py (.pth.tar) or a .safetensors file'
+
+
+def _check_output_folder(args: argparse.Namespace) -> None:
+    """The run's folder must be new (or resumed from a checkpoint in it), and its parent writable."""
+    root = args.output or './output/train'
+    flag = ' '.join(f for f in (f'--output {args.output}' if args.output else '',
+                                f'--experiment {args.experiment}' if args.experiment else '') if f) or '--output'
+    # Without --experiment the folder gets a new timestamped name: only the parent is checked.
+    check_run_folder(os.path.join(root, args.experiment or '.a-new-run'), args.resume, flag)
 
 
 def _check_names_and_files(args: argparse.Namespace) -> None:

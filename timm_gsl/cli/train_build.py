@@ -210,6 +210,11 @@ def build_datasets(args: argparse.Namespace, settings: Settings) -> Datasets:
                                     num_samples=args.val_num_samples, **conditions, **common)
     except ValueError as e:
         raise _with_condition_flags(args, e) from e
+    except RuntimeError as e:
+        if 'Found 0 images' not in str(e):  # timm's image-folder reader on a split without an image
+            raise
+        raise ValueError(f'{_data_name(args, settings)}: {one_line(e)}; no metric is computed over zero images: '
+                         f'expected one sub-folder of images per class in each split.') from e
     names = dataset_class_names(train)
     _check_split_class_names(args, settings, train, evaluation)
     # The training images once each, for the eval-mode fit measurement: a separate dataset object, so that
@@ -684,6 +689,45 @@ def read_checkpoints(args: argparse.Namespace):
     resume = read_checkpoint(args.resume, '--resume') if args.resume else None
     initial = read_checkpoint(args.initial_checkpoint, '--initial-checkpoint') if args.initial_checkpoint else None
     return resume, initial
+
+
+def check_data_sizes(args: argparse.Namespace, settings: Settings, datasets: Datasets) -> None:
+    """Refuse data that cannot train or be measured: no image, one class, fewer images than one batch.
+
+    Datasets whose size or labels cannot be read without decoding (iterable ones) are left to the loop.
+
+    Raises:
+        ValueError: one line naming the flag or folder and what is needed.
+    """
+    where = _data_name(args, settings)
+    if datasets.num_train is not None and datasets.num_train == 0:
+        raise ValueError(f'{where}: the training split {args.train_split!r} has no image; an image folder needs one '
+                         f'sub-folder of images per class.')
+    names = datasets.class_names
+    if names is not None and len(names) < 2 and args.num_classes is None:
+        raise ValueError(f'{where}: the training split {args.train_split!r} has {len(names)} class '
+                         f'({names[:1]}); a classifier needs at least 2: an image folder needs one sub-folder of '
+                         f'images per class.')
+    try:
+        num_eval = len(datasets.eval)
+    except TypeError:
+        num_eval = None
+    if num_eval == 0:
+        raise ValueError(f'{where}: the validation split {args.val_split!r} has no image; no metric is computed '
+                         f'over zero images (point --val-split at a split with images).')
+    global_batch = args.batch_size * settings.world_size
+    if datasets.num_train is not None and not args.train_batches_per_epoch and datasets.num_train < global_batch:
+        per = f' ({settings.world_size} processes x -b {args.batch_size})' if settings.world_size > 1 else ''
+        given = f' with --samples-per-class {args.samples_per_class}' if args.samples_per_class is not None else ''
+        raise ValueError(f'-b/--batch-size {args.batch_size}: the training split has {datasets.num_train} images'
+                         f'{given}, fewer than one batch of {global_batch}{per} (a last partial batch is dropped, as '
+                         f'timm does); lower -b or train on more images.')
+
+
+def _data_name(args: argparse.Namespace, settings: Settings) -> str:
+    if settings.data_dir:
+        return f'data folder {settings.data_dir!r}'
+    return f'--dataset {args.dataset!r}' if args.dataset else 'the data'
 
 
 def resolve_classes_and_loss(args: argparse.Namespace, settings: Settings, datasets: Datasets) -> None:

@@ -1,0 +1,211 @@
+"""Nothing lost, nothing false: interrupted runs, shared output folders, degenerate data.
+
+Real signals (to a real train.py process, and to this process for the in-process cases), real folders and
+files. Each case checks the exit status, the one-line message and the files left behind.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from timm_gsl.cli import train as train_cli
+from timm_gsl.cli.train import main
+from timm_gsl.engine import RunFolderError, claim_run_folder, read_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--model', 'test_resnet', '--class-subset', '3', '--samples-per-class', '8', '-b', '8', '-j', '0',
+        '--log-interval', '1']
+
+
+def _refused(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2, err
+    assert message in err and len(err.splitlines()) == 1, err
+    return err
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupts
+# ----------------------------------------------------------------------------------------------
+
+def _signal_in_epoch(monkeypatch, signum, epoch):
+    """Send ``signum`` to this process when epoch ``epoch`` starts training."""
+    original = train_cli.train_one_epoch
+
+    def train_one_epoch(current, *args, **kwargs):
+        if current == epoch:
+            os.kill(os.getpid(), signum)
+            time.sleep(1)  # the handler runs here, in the main thread
+        return original(current, *args, **kwargs)
+
+    monkeypatch.setattr(train_cli, 'train_one_epoch', train_one_epoch)
+
+
+@pytest.mark.parametrize('signum, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_exits_with_the_signal_status_publishes_nothing_and_says_how_to_resume(
+        tmp_path, monkeypatch, caplog, signum, status):
+    published = []
+    monkeypatch.setattr(train_cli, 'publish_run', lambda *a, **k: published.append(a))
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
+    _signal_in_epoch(monkeypatch, signum, 1)
+    argv = TINY + ['--epochs', '3', '--output', str(tmp_path), '--experiment', 'run', '--push-to-hub', 'org/x']
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == status
+    assert not published
+    out = tmp_path / 'run'
+    last = read_checkpoint(str(out / 'last.pth.tar'), 'test')
+    assert last['epoch'] == 0 and 'calibration' not in last  # epoch 0 complete, nothing fitted on a partial run
+    message = [r.getMessage() for r in caplog.records if 'interrupted by' in r.getMessage()]
+    assert len(message) == 1 and f'interrupted by {signal.Signals(signum).name}' in message[0]
+    assert f'--resume {out / "last.pth.tar"}' in message[0] and 'nothing was published' in message[0]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    # The printed command resumes the run to its planned end.
+    monkeypatch.undo()
+    resumed = main(argv[:-2] + ['--resume', str(out / 'last.pth.tar')])
+    assert [row['epoch'] for row in resumed['history']] == [1, 2]
+
+
+def test_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, caplog):
+    _signal_in_epoch(monkeypatch, signal.SIGINT, 0)
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + ['--epochs', '2', '--output', str(tmp_path), '--experiment', 'run'])
+    assert exc.value.code == 130
+    assert 'no checkpoint to resume from' in caplog.text
+    assert not [f for f in os.listdir(tmp_path / 'run') if f.endswith('.pth.tar')]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_train_py_process_with_loader_workers(tmp_path):
+    out = tmp_path / 'run'
+    command = [sys.executable, os.path.join(ROOT, 'train.py')] + TINY[:-4] + [
+        '-j', '2', '--samples-per-class', '40', '--epochs', '50', '--output', str(tmp_path), '--experiment', 'run']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while not (out / 'last.pth.tar').exists():
+        assert proc.poll() is None and time.monotonic() < deadline, 'the run never wrote a checkpoint'
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output[-2000:]
+    assert 'interrupted by SIGTERM' in output and 'Traceback' not in output
+    for name in os.listdir(out):
+        if name.endswith('.pth.tar'):
+            read_checkpoint(str(out / name), 'test')
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folders
+# ----------------------------------------------------------------------------------------------
+
+def test_a_new_run_never_writes_into_another_runs_folder(tmp_path, capsys):
+    argv = TINY + ['--epochs', '1', '--no-calibrate', '--output', str(tmp_path), '--experiment', 'run']
+    main(argv)
+    before = {n: os.path.getmtime(tmp_path / 'run' / n) for n in os.listdir(tmp_path / 'run')}
+    _refused(capsys, argv, "already holds a run (args.yaml, checkpoint-0.pth.tar, last.pth.tar")
+    assert {n: os.path.getmtime(tmp_path / 'run' / n) for n in os.listdir(tmp_path / 'run')} == before
+    # Resuming from a checkpoint inside it continues it.
+    main(argv[:-1] + ['run', '--epochs', '2', '--resume', str(tmp_path / 'run' / 'last.pth.tar')])
+
+
+def test_a_live_run_holds_its_folder(tmp_path, capsys):
+    folder = claim_run_folder(str(tmp_path / 'run'))  # as a live run would
+    try:
+        _refused(capsys, TINY + ['--epochs', '1', '--output', str(tmp_path), '--experiment', 'run'],
+                 'another live run is writing into')
+    finally:
+        folder.release()
+    with pytest.raises(RunFolderError, match='another live run'):
+        held = claim_run_folder(str(tmp_path / 'other'))
+        try:
+            claim_run_folder(str(tmp_path / 'other'))
+        finally:
+            held.release()
+
+
+def test_runs_without_experiment_names_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    class Frozen:
+        @staticmethod
+        def now():
+            import datetime
+            return datetime.datetime(2026, 12, 7, 4, 0, 0)
+
+    monkeypatch.setattr(train_cli, 'datetime', Frozen)
+    first = main(TINY + ['--epochs', '1', '--no-calibrate', '--output', str(tmp_path)])['output_dir']
+    second = main(TINY + ['--epochs', '1', '--no-calibrate', '--output', str(tmp_path)])['output_dir']
+    assert os.path.basename(second) == os.path.basename(first) + '-1'
+
+
+def test_a_resumed_run_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    argv = TINY + ['--epochs', '1', '--no-calibrate', '--output', str(tmp_path), '--experiment', 'run']
+    main(argv)
+    orphan = tmp_path / 'run' / '.last.pth.tar.abc123.tmp'
+    orphan.write_bytes(b'x' * 1000)
+    main(argv[:-2] + ['--experiment', 'run', '--epochs', '2', '--resume', str(tmp_path / 'run' / 'last.pth.tar')])
+    assert not orphan.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root may write into a read-only folder, so there is nothing to refuse')
+def test_a_read_only_output_is_refused_before_anything_is_built(tmp_path, capsys):
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _refused(capsys, TINY + ['--epochs', '1', '--output', str(locked)], 'is not writable')
+    finally:
+        locked.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------------------------
+# Degenerate data
+# ----------------------------------------------------------------------------------------------
+
+def _image_folder(root, layout):
+    """``layout``: split -> list of class folders ('' for images directly in the split)."""
+    for split, classes in layout.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(6):
+                Image.new('RGB', (8, 8), (i * 40, 0, 0)).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.mark.parametrize('layout, message', [
+    (dict(train=[''], validation=['']), "has 1 class (['']); a classifier needs at least 2"),
+    (dict(train=['a'], validation=['a']), "has 1 class (['a']); a classifier needs at least 2"),
+])
+def test_image_folders_that_cannot_train_a_classifier_are_refused_before_anything_is_written(tmp_path, capsys,
+                                                                                         layout, message):
+    data = _image_folder(tmp_path / 'data', layout)
+    out = tmp_path / 'out'
+    _refused(capsys, [str(data), '--model', 'test_resnet', '-b', '4', '-j', '0', '--epochs', '1', '--no-calibrate',
+                      '--output', str(out)], message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--samples-per-class', '1', '-b', '8'], 'the training split has 3 images with --samples-per-class 1, fewer '
+                                              'than one batch of 8'),
+    (['--samples-per-class', '20', '-b', '64'], 'has 60 images with --samples-per-class 20, fewer than one batch'),
+])
+def test_fewer_images_than_one_batch_is_refused_naming_the_flags(tmp_path, capsys, flags, message):
+    out = tmp_path / 'out'
+    _refused(capsys, ['--model', 'test_resnet', '--class-subset', '3', '-j', '0', '--epochs', '1',
+                      '--output', str(out)] + flags, message)
+    assert not out.exists()
+
+
+def test_no_metric_over_zero_images(tmp_path, capsys):
+    data = _image_folder(tmp_path / 'data', dict(train=['a', 'b']))
+    (data / 'validation').mkdir()  # a validation split without a single image
+    _refused(capsys, [str(data), '--model', 'test_resnet', '-b', '4', '-j', '0', '--epochs', '1', '--no-calibrate',
+                      '--output', str(tmp_path / 'out')], "Found 0 images in subfolders of")
+    assert not (tmp_path / 'out').exists()
