@@ -186,7 +186,7 @@ def test_resume_from_a_recovery_checkpoint_finishes_its_epoch(tmp_path, monkeypa
     assert all(torch.equal(model_state[k], v) for k, v in saved['state_dict'].items())
     ema_state = run.task.get_trainable_module(ema=True).module.state_dict()
     assert all(torch.equal(ema_state[k], v) for k, v in saved['state_dict_ema'].items())
-    fresh = _build(argv)
+    fresh = _build(RUN + ['--output', str(tmp_path), '--experiment', 'fresh', '--recovery-interval', '2'])
     fresh.lr_scheduler.step_update(4)
     assert run.optimizer.param_groups[0]['lr'] == pytest.approx(fresh.optimizer.param_groups[0]['lr'])
 

@@ -209,3 +209,35 @@ def test_no_metric_over_zero_images(tmp_path, capsys):
     _refused(capsys, [str(data), '--model', 'test_resnet', '-b', '4', '-j', '0', '--epochs', '1', '--no-calibrate',
                       '--output', str(tmp_path / 'out')], "Found 0 images in subfolders of")
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--lr', 'nan'], '--lr nan is invalid, expected a finite number > 0'),
+    (['--lr', 'inf'], '--lr inf is invalid, expected a finite number > 0'),
+    (['--lr', '-1'], '--lr -1.0 is invalid, expected a finite number > 0'),
+    (['--min-lr', '-0.1'], '--min-lr -0.1 is invalid, expected a finite number >= 0'),
+])
+def test_learning_rates_that_cannot_train_are_refused_before_anything_is_built(tmp_path, capsys, flags, message):
+    _refused(capsys, TINY + ['--epochs', '1', '--output', str(tmp_path / 'out')] + flags, message)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    from timm_gsl.loss import GroupSoftmaxLoss
+    forward = GroupSoftmaxLoss.forward
+    monkeypatch.setattr(GroupSoftmaxLoss, 'forward', lambda self, *a, **k: forward(self, *a, **k) * float('nan'))
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + ['--epochs', '1', '--output', str(tmp_path), '--experiment', 'run'])
+    assert 'no checkpoint was written before it' in str(exc.value.code)
+
+
+def test_validate_refuses_numpy_weights_for_a_model_that_cannot_load_them(tmp_path, capsys):
+    import numpy as np
+
+    from timm_gsl.cli.validate import main as validate_main
+    path = tmp_path / 'x.npz'
+    np.savez(path, a=np.zeros(3))
+    with pytest.raises(SystemExit) as exc:
+        validate_main(['--model', 'test_resnet', '--checkpoint', str(path), '--device', 'cpu'])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and 'holds NumPy weights' in err and len(err.splitlines()) == 1

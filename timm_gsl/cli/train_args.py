@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import sys
@@ -696,8 +697,18 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
     check_at_least('--calibration-images-per-class', args.calibration_images_per_class)
 
 
+def _check_learning_rates(args: argparse.Namespace) -> None:
+    """Learning rates finite, ``--lr``/``--lr-base`` above zero, the others not below."""
+    for flag, value, positive in (('--lr', args.lr, True), ('--lr-base', args.lr_base, True),
+                                  ('--warmup-lr', args.warmup_lr, False), ('--min-lr', args.min_lr, False)):
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            allowed = 'a finite number > 0' if positive else 'a finite number >= 0'
+            raise ValueError(f'{flag} {value} is invalid, expected {allowed}.')
+
+
 def _check_values(args: argparse.Namespace) -> None:
     """Counts and intervals in range."""
+    _check_learning_rates(args)
     if args.train_eval_interval < 0:
         raise ValueError(f'--train-eval-interval {args.train_eval_interval} is invalid, expected 0 (after the last '
                          f'epoch only) or an interval N >= 1; to skip the measurement pass --no-train-eval.')

@@ -545,8 +545,13 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     model = _create_model(args)
     if checkpoint is not None:
         _check_weights_fit(model, args, checkpoint)
+    checkpoint_is_numpy = bool(args.checkpoint) and checkpoint is None
     del checkpoint  # before load_checkpoint reads the file again: one copy in memory at a time
     if args.checkpoint:
+        if checkpoint_is_numpy and not hasattr(model, 'load_pretrained'):
+            raise ValueError(f'--checkpoint {args.checkpoint!r} holds NumPy weights, which timm loads only into models '
+                             f'with load_pretrained (the ViT family); {args.model!r} has none: expected a .pth.tar, '
+                             f'.pth or .safetensors checkpoint.')
         load_checkpoint(model, args.checkpoint, args.use_ema)
     if args.reparam:
         model = reparameterize_model(model)

@@ -274,6 +274,18 @@ def _loss_scale(input: Any, state: TrainingState) -> float:
     return batch_loss_scale(n, state.base_batch_size, state.variable_batch_loss_scale)
 
 
+def _checkpoints_left(output_dir: Optional[str]) -> str:
+    """What the run's folder holds after a stop, in words (the primary process writes it; others say so)."""
+    if output_dir is None:
+        return 'the checkpoints the primary process wrote hold the last good state'
+    try:
+        saved = any(n.endswith('.pth.tar') and not n.startswith('.') for n in os.listdir(output_dir))
+    except OSError:
+        saved = False
+    return ('the checkpoints on disk hold the last good state' if saved else
+            'no checkpoint was written before it (no epoch had ended), so there is nothing to resume from')
+
+
 def _forward_backward(task: TrainingTask, input: Any, target: torch.Tensor, state: TrainingState, batch: _Batch,
                       clip_parameters: Optional[List[torch.nn.Parameter]], where: str) -> Dict[str, Any]:
     """One batch's forward pass, finite check, scaled backward pass and (on an update) optimiser step."""
@@ -287,7 +299,7 @@ def _forward_backward(task: TrainingTask, input: Any, target: torch.Tensor, stat
         if not loss_is_finite(loss, state.distributed):
             raise NonFiniteLossError(
                 f'Non-finite training loss ({loss.detach().float().item()} on this process) at {where}: '
-                f'stopped before that update; the checkpoints on disk hold the last good state.')
+                f'stopped before that update; {_checkpoints_left(state.output_dir)}.')
         scale = _loss_scale(input, state)
         if scale != 1.0:
             loss = loss * scale
