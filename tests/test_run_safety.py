@@ -241,3 +241,60 @@ def test_validate_refuses_numpy_weights_for_a_model_that_cannot_load_them(tmp_pa
         validate_main(['--model', 'test_resnet', '--checkpoint', str(path), '--device', 'cpu'])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and 'holds NumPy weights' in err and len(err.splitlines()) == 1
+
+
+def test_resume_with_another_learning_rate_is_refused_instead_of_ignored(tmp_path, capsys):
+    argv = TINY + ['--epochs', '1', '--no-calibrate', '--output', str(tmp_path), '--experiment', 'run', '--lr', '0.01']
+    main(argv)
+    last = str(tmp_path / 'run' / 'last.pth.tar')
+    _refused(capsys, argv[:-1] + ['0.5', '--epochs', '2', '--resume', last],
+             '--lr 0.5 with --resume')
+    main(argv + ['--epochs', '2', '--resume', last])  # the same --lr continues
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_complete_checkpoints(tmp_path, monkeypatch, capsys):
+    """ENOSPC simulated in the checkpoint write of epoch 1 (a real full tmpfs needs mount rights CI lacks)."""
+    import errno
+
+    import torch as torch_module
+    real_save = torch_module.save
+    calls = []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if isinstance(obj, dict) and obj.get('epoch') == 1:
+            with open(path, 'wb') as f:
+                f.write(b'partial')  # what a full disk leaves half-written
+            raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch_module, 'save', save)
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + ['--epochs', '3', '--no-calibrate', '--output', str(tmp_path), '--experiment', 'run'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and len(err) == 1 and 'no space left on the device' in err[0]
+    out = tmp_path / 'run'
+    assert f'--resume {out / "last.pth.tar"}' in err[0]
+    assert read_checkpoint(str(out / 'last.pth.tar'), 'test')['epoch'] == 0
+    assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('flag', ['--initial-checkpoint', 'validate --checkpoint'])
+def test_a_state_dict_holding_a_non_tensor_is_refused_in_one_line(tmp_path, capsys, flag):
+    import torch
+
+    from timm_gsl.cli.validate import main as validate_main
+    result = main(TINY + ['--epochs', '1', '--no-calibrate', '--output', str(tmp_path), '--experiment', 'run'])
+    checkpoint = torch.load(os.path.join(result['output_dir'], 'last.pth.tar'), weights_only=False)
+    checkpoint['state_dict']['fc.bias'] = 3
+    bad = str(tmp_path / 'bad.pth.tar')
+    torch.save(checkpoint, bad)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        if flag == '--initial-checkpoint':
+            main(TINY + ['--epochs', '1', '--output', str(tmp_path), '--experiment', 'x', flag, bad])
+        else:
+            validate_main(['--checkpoint', bad, '--device', 'cpu'])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "holds values other than tensors in its state dict, e.g. ['fc.bias (int)']" in err
+    assert len(err.splitlines()) == 1

@@ -18,6 +18,7 @@ two together are what ``args.yaml`` and every checkpoint record.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -582,6 +583,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f'train.py: error: {e}') from None
     except RunFolderError as e:
         exit_with_error('train.py', e)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # atomic_path removed the half-written file; every checkpoint under its own name is complete.
+        where = os.path.dirname(os.path.abspath(e.filename)) if e.filename else "the run's folder"
+        print(f'train.py: error: no space left on the device while writing into {where}; the checkpoints already '
+              f'there are complete (each is written under a temporary name, then renamed): free some space and '
+              f'resume with --resume {os.path.join(where, "last.pth.tar")}.', file=sys.stderr)
+        raise SystemExit(1) from None
     except (KeyboardInterrupt, RunInterrupted) as e:
         # Interrupted while building (nothing written yet), in the loop (RunInterrupted names the run's folder),
         # or after it, while calibrating or publishing (the checkpoints are complete; a Hub commit is all or

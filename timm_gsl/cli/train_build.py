@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -688,7 +689,20 @@ def read_checkpoints(args: argparse.Namespace):
     """``--resume`` and ``--initial-checkpoint`` read (safely) before anything is built on them."""
     resume = read_checkpoint(args.resume, '--resume') if args.resume else None
     initial = read_checkpoint(args.initial_checkpoint, '--initial-checkpoint') if args.initial_checkpoint else None
+    if resume is not None:
+        _check_resumed_learning_rate(args, resume)
     return resume, initial
+
+
+def _check_resumed_learning_rate(args: argparse.Namespace, checkpoint: Dict[str, Any]) -> None:
+    """Refuse ``--lr`` that differs from the resumed run's: the optimiser state it restores would override it."""
+    recorded = checkpoint.get('args')
+    recorded = vars(recorded) if isinstance(recorded, argparse.Namespace) else recorded
+    old = recorded.get('lr') if isinstance(recorded, dict) else None
+    if args.lr is not None and isinstance(old, (int, float)) and not math.isclose(args.lr, old, rel_tol=1e-9):
+        raise ValueError(f'--lr {args.lr:g} with --resume {args.resume!r}: the resumed run trained with lr {old:g}, '
+                         f'and resuming restores its optimiser and schedule, so --lr would be ignored; drop --lr to '
+                         f'continue the run, or start a new one from its weights with --initial-checkpoint.')
 
 
 def check_data_sizes(args: argparse.Namespace, settings: Settings, datasets: Datasets) -> None:

@@ -125,9 +125,15 @@ def check_checkpoint_fits(checkpoint: Dict[str, Any], model: nn.Module, arch: st
         path: its path.
 
     Raises:
-        ValueError: naming the flag, the checkpoint's architecture and the first mismatches.
+        ValueError: naming the flag, the checkpoint's architecture and the first mismatches (or the first values
+            that are not tensors).
     """
     saved = clean_state_dict(checkpoint.get('state_dict', checkpoint.get('model')) or {})
+    foreign = [f'{k} ({type(v).__name__})' for k, v in saved.items() if not isinstance(v, torch.Tensor)]
+    if foreign:
+        raise ValueError(f'{flag} {path!r} holds values other than tensors in its state dict, e.g. {foreign[:3]}; '
+                         f'expected a state dict of tensors (a checkpoint written by train.py, or a .safetensors '
+                         f'file).')
     expected = model.state_dict()
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
