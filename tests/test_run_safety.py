@@ -298,3 +298,45 @@ def test_a_state_dict_holding_a_non_tensor_is_refused_in_one_line(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "holds values other than tensors in its state dict, e.g. ['fc.bias (int)']" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A tmpfs of ``size`` bytes, mounted on demand (needs mount rights: root with CAP_SYS_ADMIN)."""
+    mounted = []
+
+    def mount(size):
+        folder = tmp_path / 'small-disk'
+        folder.mkdir()
+        try:
+            done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)],
+                                  capture_output=True, text=True)
+        except OSError as e:
+            pytest.skip(f'cannot run mount here ({e}): the simulated full-disk test covers the message')
+        if done.returncode != 0:
+            pytest.skip(f'cannot mount a tmpfs here ({done.stderr.strip() or "mount failed"}): the simulated '
+                        f'full-disk test covers the message')
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(['umount', '-l', str(folder)], capture_output=True)
+
+
+def test_a_real_full_disk_keeps_the_checkpoints_complete(tmp_path, small_tmpfs, capsys):
+    # The size of one epoch's files, measured on the ordinary disk; the small disk holds them once, not twice.
+    probe = main(TINY + ['--epochs', '1', '--no-calibrate', '--no-train-eval', '--output', str(tmp_path / 'probe'),
+                         '--experiment', 'run'])['output_dir']
+    used = sum(os.path.getsize(os.path.join(probe, n)) for n in os.listdir(probe) if n != 'checkpoint-0.pth.tar')
+    disk = small_tmpfs(int(used * 1.5))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + ['--epochs', '3', '--no-calibrate', '--no-train-eval', '--output', str(disk),
+                     '--experiment', 'run'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and len(err) == 1 and 'no space left on the device' in err[0], err
+    out = disk / 'run'
+    assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
+    epochs = {n: read_checkpoint(str(out / n), 'test')['epoch'] for n in os.listdir(out) if n.endswith('.pth.tar')}
+    assert epochs and set(epochs.values()) <= {0, 1}  # complete checkpoints of the epochs that fitted

@@ -1,6 +1,7 @@
 """``AtomicCheckpointSaver``: timm's checkpoint saver, with every file appearing by rename."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Any, Dict, Optional
@@ -10,6 +11,8 @@ from timm import utils
 from .atomic import atomic_path
 
 __all__ = ['AtomicCheckpointSaver']
+
+_NEARLY_FULL = 1 << 20  # bytes free under which a failed checkpoint write is taken for a full disk
 
 
 class AtomicCheckpointSaver(utils.CheckpointSaver):
@@ -27,7 +30,13 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
         # timm writes its staging files ('tmp.pth.tar', 'recovery_tmp.pth.tar') in place; a kill
         # during that write would leave a file that looks like a checkpoint but does not load.
         with atomic_path(save_path) as tmp:
-            super()._save(tmp, epoch, metric)
+            try:
+                super()._save(tmp, epoch, metric)
+            except RuntimeError as e:
+                # torch.save reports a full disk as "basic_ios::clear: iostream error": say what it is.
+                if shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free >= _NEARLY_FULL:
+                    raise
+                raise OSError(errno.ENOSPC, f'No space left on device ({e})', save_path) from e
 
     def _replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
