@@ -340,3 +340,22 @@ def test_a_real_full_disk_keeps_the_checkpoints_complete(tmp_path, small_tmpfs, 
     assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
     epochs = {n: read_checkpoint(str(out / n), 'test')['epoch'] for n in os.listdir(out) if n.endswith('.pth.tar')}
     assert epochs and set(epochs.values()) <= {0, 1}  # complete checkpoints of the epochs that fitted
+
+
+def test_a_skipped_unreadable_image_is_named_in_the_warning(tmp_path, caplog):
+    import io
+
+    import numpy as np
+
+    from timm_gsl.data import create_dataset
+    data = _image_folder(tmp_path / 'data', dict(train=['a', 'b']))
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype('uint8')).save(buffer, 'JPEG')
+    broken = data / 'train' / 'a' / '0.png'
+    broken.write_bytes(buffer.getvalue()[:300])  # a truncated JPEG: the decoder's error names no file
+    dataset = create_dataset('', root=str(data / 'train'), split='train')
+    index = [i for i in range(len(dataset)) if dataset.filename(i, absolute=True) == str(broken)][0]
+    caplog.set_level('WARNING', logger='timm.data.dataset')
+    dataset[index]  # timm skips it and loads the next image
+    warnings = [r.getMessage() for r in caplog.records if 'Skipped sample' in r.getMessage()]
+    assert warnings and all(warning.endswith(f'(file {broken})') for warning in warnings)

@@ -4,7 +4,8 @@
   inside the package, so that training and validation run with no download.
 * :mod:`.conditions`: ``class_subset`` (K classes, relabelled 0..K-1) and ``samples_per_class`` (N training
   images per class) for any dataset whose labels can be read without decoding images.
-* :mod:`.factory`: :func:`create_dataset`, every argument of :func:`timm.data.create_dataset` plus these.
+* :mod:`.factory`: :func:`create_dataset`, every argument of :func:`timm.data.create_dataset` plus these;
+* :mod:`.skipped`: timm's warning about an image it skips names the file.
 
 Examples:
     >>> train = create_dataset(EMBEDDED_DATASET, split='train', is_training=True,

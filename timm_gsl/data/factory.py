@@ -11,6 +11,7 @@ import torch.utils.data
 
 from .conditions import apply_data_conditions, check_samples_per_class, check_seed, parse_class_subset
 from .embedded import EMBEDDED_DATASET, EMBEDDED_PREFIX, create_embedded, is_embedded
+from .skipped import name_skipped_files
 
 __all__ = ['DOWNLOADING_PREFIXES', 'check_data_source', 'check_no_empty_class', 'create_dataset', 'reads_local_folder']
 
@@ -69,8 +70,8 @@ def create_dataset(
         raise ValueError(f"Unknown embedded dataset '{name}', expected '{EMBEDDED_DATASET}'.")
     else:
         from timm.data import create_dataset as timm_create_dataset
-        dataset = timm_create_dataset(name, root=root, split=split, is_training=is_training, seed=seed,
-                                      **timm_kwargs)
+        dataset = name_skipped_files(timm_create_dataset(name, root=root, split=split, is_training=is_training,
+                                                         seed=seed, **timm_kwargs))
     return apply_data_conditions(
         dataset, class_subset=class_subset, samples_per_class=samples_per_class if is_training else None, seed=seed,
         holdout_per_class=holdout_per_class if is_training else 0, part=part if is_training else 'train')
