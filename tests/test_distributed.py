@@ -173,7 +173,7 @@ def test_dist_bn_reduce_averages_batchnorm_statistics_across_processes(tmp_path,
 
 # A launcher that injects a fault into one rank, then runs train.py's main as torchrun would.
 FAULTY_TRAIN_PY = textwrap.dedent('''
-    import os, sys
+    import os, signal, sys, time
     from timm_gsl.loss import GroupSoftmaxLoss
     from timm_gsl.cli.train import main
 
@@ -184,7 +184,10 @@ FAULTY_TRAIN_PY = textwrap.dedent('''
     def faulty_forward(self, *args, **kwargs):
         loss = forward(self, *args, **kwargs)
         calls[0] += 1
-        if int(os.environ['RANK']) == rank and calls[0] == call:
+        if rank in (-1, int(os.environ['RANK'])) and calls[0] == call:
+            if fault == 'sigterm':
+                os.kill(os.getpid(), signal.SIGTERM)  # as torchrun or a scheduler stops every rank
+                time.sleep(1)
             if fault == 'crash':
                 os._exit(7)  # dies like a killed process: no cleanup, no message
             return loss * float('nan')
@@ -225,6 +228,19 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_checkpo
     checkpoint = _load(tmp_path / 'run' / 'last.pth.tar')
     assert checkpoint['epoch'] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint['state_dict'].values() if v.is_floating_point())
+    assert _epochs(tmp_path / 'run') == [0, 1]
+
+
+def test_sigterm_to_every_rank_ends_each_with_143_keeping_the_completed_epochs(tmp_path):
+    rc, log = _faulty_run(tmp_path, 'sigterm', rank=-1, call=3)  # every rank, in epoch 2
+    assert rc != 0
+    assert log.count('interrupted by SIGTERM') == 1, log[-3000:]  # said once, by the primary
+    assert f"--resume {tmp_path / 'run' / 'last.pth.tar'}" in log
+    # No traceback of ours (torchrun prints its own ChildFailedError): the ranks leave through SystemExit(143);
+    # a rank still stopping when torchrun closes the others may end by that SIGTERM itself (exit code -15).
+    assert 'RunInterrupted' not in log and 'KeyboardInterrupt' not in log, log[-3000:]
+    assert re.search(r'exitcode\s*: 143', log), log[-3000:]
+    assert _load(tmp_path / 'run' / 'last.pth.tar')['epoch'] == 1
     assert _epochs(tmp_path / 'run') == [0, 1]
 
 
