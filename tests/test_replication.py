@@ -85,7 +85,8 @@ def _fake_run(folder, seed, loss, scale, groups=None):
                    calib_target=calib_target), os.path.join(folder, name + replication.LOGITS_SUFFIX))
     return dict(run_id=name, seed=seed, loss=loss, groups=groups, logits_file=name + replication.LOGITS_SUFFIX,
                 wall_s=1.0, test_top1=100 - 100 * float((logits.argmax(1) != target).float().mean()),
-                test_top1_from_logits=0.0, git_commit='abc1234', finished='now'), logits * scale, target, calib * scale, calib_target
+                test_top1_from_logits=0.0, git_commit='abc1234', finished='now'), \
+        logits * scale, target, calib * scale, calib_target
 
 
 def test_run_metrics_recompute_error_and_calibration_from_the_logits(tmp_path):
@@ -117,7 +118,8 @@ def test_report_gives_both_questions_and_their_verdicts(tmp_path):
 @needs_source
 def test_quick_run_saves_the_logits_of_the_final_model_and_its_json_last(tmp_path):
     out = str(tmp_path / 'rep')
-    assert replication.main(['--output', out, '--quick', '--threads', '1', '--data-cache', str(tmp_path / 'cache')]) == 0
+    argv = ['--output', out, '--quick', '--threads', '1', '--data-cache', str(tmp_path / 'cache')]
+    assert replication.main(argv) == 0
     design = replication.QUICK_DESIGN
     for spec in replication.plan_runs(design):
         record = json.load(open(replication.result_path(out, spec)))

@@ -260,7 +260,8 @@ class CalibrationFit:
         unknown = sorted(set(data) - names)
         missing = sorted(names - set(data) - {'weights'})
         if unknown or missing:
-            raise ValueError(f'calibration record has unknown keys {unknown} / lacks {missing}; expected {sorted(names)}.')
+            raise ValueError(f'calibration record has unknown keys {unknown} / lacks {missing}; expected '
+                             f'{sorted(names)}.')
         fit = cls(**data)
         _check_temperature(fit.temperature)
         if fit.weights not in ('model', 'ema'):

@@ -23,8 +23,9 @@ from .train_epoch import (
 )
 
 __all__ = [
-    'CALIBRATION_METRICS', 'AtomicCheckpointSaver', 'GroupingMeter', 'NonFiniteLossError', 'RunFolder',
-    'RunFolderError', 'TrainingState', 'add_checkpoint_entry', 'atomic_path', 'check_run_folder', 'claim_run_folder', 'batch_loss_scale', 'check_checkpoint_fits', 'evaluate', 'format_grouping', 'format_summary',
-    'loss_is_finite', 'plot_learning_curves', 'predict', 'read_checkpoint', 'read_summary', 'train_one_epoch',
-    'write_bytes_atomic', 'write_json_atomic', 'write_text_atomic',
+    'AtomicCheckpointSaver', 'CALIBRATION_METRICS', 'GroupingMeter', 'NonFiniteLossError', 'RunFolder',
+    'RunFolderError', 'TrainingState', 'add_checkpoint_entry', 'atomic_path', 'batch_loss_scale',
+    'check_checkpoint_fits', 'check_run_folder', 'claim_run_folder', 'evaluate', 'format_grouping',
+    'format_summary', 'loss_is_finite', 'plot_learning_curves', 'predict', 'read_checkpoint', 'read_summary',
+    'train_one_epoch', 'write_bytes_atomic', 'write_json_atomic', 'write_text_atomic',
 ]
