@@ -441,7 +441,7 @@ def _train(run: Run, outputs: _Outputs, started: float) -> Dict[str, Any]:
                 best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=metric)
             if run.lr_scheduler is not None:
                 run.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
-    except (KeyboardInterrupt, RunInterrupted) as e:
+    except KeyboardInterrupt as e:  # RunInterrupted too
         signum = getattr(e, 'signum', signal.SIGINT)
         if outputs.wandb_run is not None:
             outputs.wandb_run.finish(exit_code=128 + signum)
@@ -592,7 +592,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f'there are complete (each is written under a temporary name, then renamed): free some space and '
               f'resume with --resume {os.path.join(where, "last.pth.tar")}.', file=sys.stderr)
         raise SystemExit(1) from None
-    except (KeyboardInterrupt, RunInterrupted) as e:
+    except KeyboardInterrupt as e:  # RunInterrupted too
         # Interrupted while building (nothing written yet), in the loop (RunInterrupted names the run's folder),
         # or after it, while calibrating or publishing (the checkpoints are complete; a Hub commit is all or
         # nothing). Every process leaves with 128 + the signal number; the primary says how to resume.
