@@ -670,18 +670,16 @@ _FOREIGN_PROVENANCE = ('origin_url', 'hf_hub_id', 'hf_hub_filename', 'url', 'fil
                        'paper_ids', 'paper_name', 'notes', 'description')
 
 
-def _published_model(checkpoint: TrainingCheckpoint,
-                     fold_temperature: bool) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
-    """The model to publish (its classifier divided by the fitted temperature when folding) and the
-    ``calibration`` object of its ``config.json`` (None when the checkpoint has none for these weights)."""
-    model = build_model(checkpoint)
+def _fold_published(model: nn.Module, checkpoint: TrainingCheckpoint, fold_temperature: bool,
+                    input_size: Tuple[int, ...]) -> Optional[Dict[str, Any]]:
+    """Divide the published classifier by the fitted temperature when folding (in place); return the
+    ``calibration`` object of ``config.json`` (None when the checkpoint has none for these weights)."""
     calibration = published_calibration(checkpoint, fold_temperature)
     if calibration is None:
-        return model, None
+        return None
     if fold_temperature:
-        input_size = resolve_data_config(checkpoint.args, model=model)['input_size']
         fold_into_classifier(model, calibration.temperature, input_size)
-    return model, dict(calibration.to_dict(), folded=fold_temperature)
+    return dict(calibration.to_dict(), folded=fold_temperature)
 
 
 def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[str], license: str,
@@ -692,9 +690,10 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[st
     The card and ``config.json`` name ``repo_id`` (``revision``) when given, else the local folder
     ``local_dir``.
     """
-    model, calibration = _published_model(checkpoint, fold_temperature)
+    model = build_model(checkpoint)
     args = checkpoint.args
     data_config = resolve_data_config(args, model=model)
+    calibration = _fold_published(model, checkpoint, fold_temperature, data_config['input_size'])
     labels = _class_names(args, model.num_classes)
     save_for_hf(model, folder, model_config=dict(label_names=labels) if labels else None,
                 safe_serialization=True, data_config=data_config)

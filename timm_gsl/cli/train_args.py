@@ -555,7 +555,7 @@ def check_args(args: argparse.Namespace) -> None:
     _check_naflex_flags(args, parser)
     _check_device_flags(args)
     _check_values(args)
-    _check_calibration_flags(args)
+    _check_calibration_flags(args, parser)
     _check_names_and_files(args)
     _check_output_folder(args)
 
@@ -685,12 +685,11 @@ def calibrates(args: argparse.Namespace) -> bool:
     return args.loss == 'gsl' if args.calibrate is None else bool(args.calibrate)
 
 
-def _check_calibration_flags(args: argparse.Namespace) -> None:
+def _check_calibration_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not calibrates(args):
-        given = [flag for flag, changed in (
-            (f'--calibration-source {args.calibration_source}', args.calibration_source != 'auto'),
-            (f'--calibration-images-per-class {args.calibration_images_per_class}',
-             args.calibration_images_per_class != 50)) if changed]
+        given = [f'--{dest.replace("_", "-")} {getattr(args, dest)}'
+                 for dest in ('calibration_source', 'calibration_images_per_class')
+                 if getattr(args, dest) != parser.get_default(dest)]
         if given:
             why = '--no-calibrate' if args.calibrate is False else f'--loss {args.loss} (pass --calibrate to fit one)'
             raise ValueError(f'{given[0]} would be ignored: no temperature is fitted with {why}.')
