@@ -200,6 +200,49 @@ def test_compiled_task_trains_like_the_eager_task():
         torch.testing.assert_close(out, eager.eval().get_eval_model()(images), rtol=1e-3, atol=1e-4)
 
 
+# Every grouping on both architectures; Type I and II, statistics and soft targets each on both.
+GRAPH_CASES = [
+    ('resnet10t', 'discriminative', 'II', True, False), ('resnet10t', 'random', 'I', False, True),
+    ('resnet10t', 'contiguous', 'II', False, False), ('resnet10t', 'zero-aware', 'I', True, True),
+    ('test_vit', 'discriminative', 'I', False, True), ('test_vit', 'random', 'II', True, False),
+    ('test_vit', 'contiguous', 'I', True, True), ('test_vit', 'zero-aware', 'II', False, False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('model_name, grouping, loss_type, statistics, soft', GRAPH_CASES)
+def test_model_and_group_softmax_loss_trace_as_one_graph(model_name, grouping, loss_type, statistics, soft):
+    import timm
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8) if model_name == 'test_vit' else {}
+    task = GroupSoftmaxTask(timm.create_model(model_name, num_classes=5, **kwargs), verbose=False,
+                            grouping_statistics=statistics,
+                            criterion_kwargs=dict(gsl_groups=GROUPS, gsl_type=loss_type, gsl_grouping=grouping))
+    task.train()
+    images = torch.randn(4, 3, 32, 32)
+    target = torch.softmax(torch.randn(4, 5), -1) if soft else torch.tensor([0, 3, 1, 4])
+    task(images, target)  # the head's one-time check of its classifier, outside the traced steps
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x, y: task(x, y)['loss'])(images, target)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        [str(reason.reason)[:300] for reason in explained.break_reasons]
+    # Forward and backward compiled together (aot_eager: AOTAutograd's joint graph, no code generation) give
+    # the eager loss and gradients. The random grouping draws from the global generator: same seed for both.
+    parameters = list(task.get_trainable_module().parameters())
+
+    def loss_and_grads(step):
+        torch.manual_seed(1)
+        loss = step(images, target)
+        return [loss.detach()] + list(torch.autograd.grad(loss, parameters))
+
+    torch._dynamo.reset()
+    eager = loss_and_grads(lambda x, y: task(x, y)['loss'])
+    compiled = loss_and_grads(torch.compile(lambda x, y: task(x, y)['loss'], backend='aot_eager', fullgraph=True))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+
 # ----------------------------------------------------------------------------------------------
 # Model EMA (timm.utils.ModelEmaV3 through the task)
 # ----------------------------------------------------------------------------------------------

@@ -91,9 +91,9 @@ def check_groups(groups: int, num_features: Optional[int] = None) -> int:
 
 def _should_check_values(tensor: torch.Tensor, check_values: Optional[bool]) -> bool:
     # Value checks (.any(), .all()) synchronise the device; by default only do them on the CPU,
-    # where there is nothing to synchronise with.
+    # where there is nothing to synchronise with, and not under torch.compile (a read breaks the graph).
     if check_values is None:
-        return tensor.device.type == 'cpu'
+        return tensor.device.type == 'cpu' and not torch.compiler.is_compiling()
     return check_values
 
 
@@ -204,9 +204,19 @@ def group_sizes(num_features: int, groups: int) -> torch.Tensor:
     return torch.tensor([base + 1] * extra + [base] * (groups - extra), dtype=torch.long)
 
 
+def _group_sizes_on(num_features: int, groups: int, device: torch.device) -> torch.Tensor:
+    # group_sizes made on the device itself: no host-to-device copy (which waits for the device on CUDA).
+    base, extra = divmod(num_features, groups)
+    return base + (torch.arange(groups, device=device) < extra).long()
+
+
 def _rank_to_group(num_features: int, groups: int, device: torch.device) -> torch.Tensor:
-    sizes = group_sizes(num_features, groups)
-    return torch.repeat_interleave(torch.arange(groups), sizes).to(device)
+    # The group of each rank 0..D-1 when cut into group_sizes(D, G) blocks, by arithmetic on the device
+    # (no data-dependent shapes, so torch.compile traces it in one graph).
+    base, extra = divmod(num_features, groups)
+    rank = torch.arange(num_features, device=device)
+    long_span = extra * (base + 1)
+    return torch.where(rank < long_span, rank // (base + 1), extra + (rank - long_span) // max(base, 1))
 
 
 def sorted_assignment(scores: torch.Tensor, groups: int) -> torch.Tensor:
@@ -270,7 +280,7 @@ def zero_aware_assignment(
     nonzero_group = torch.where(in_long, rank // (base + 1),
                                 extra + (rank - long_span) // base.clamp(min=1))
     # Zeros in feature-index order fill the room each group has left.
-    all_sizes = group_sizes(dim, groups).to(device)                     # G
+    all_sizes = _group_sizes_on(dim, groups, device)                    # G
     ks = torch.arange(groups, device=device)
     nonzero_sizes = base + (ks < extra).long()                          # B x G
     room_end = torch.cumsum(all_sizes - nonzero_sizes, dim=1)           # B x G

@@ -12,7 +12,7 @@ import os
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm import utils
@@ -219,7 +219,13 @@ def format_grouping(metrics: Dict[str, float]) -> Optional[str]:
 
 
 class _EpochMeters:
-    """The running means an epoch logs and returns."""
+    """The running means an epoch logs and returns.
+
+    The batch losses stay on the device as they come (:meth:`add`, no host read); :meth:`read` copies every
+    value since the last read to the host in one transfer (under DDP after one all-reduce) and folds it into
+    the meters. The loop reads at its log lines, before a recovery checkpoint and at the epoch's end, so a
+    training step reads nothing back from the device in between.
+    """
 
     def __init__(self, loss_parts: Sequence[str]):
         self.update_time = utils.AverageMeter()
@@ -228,6 +234,59 @@ class _EpochMeters:
         self.softmax_loss = utils.AverageMeter()
         self.parts = OrderedDict((name, utils.AverageMeter()) for name in loss_parts)
         self.grouping = GroupingMeter()
+        # Since the last read: per batch (batch index, samples, names of its values), and the values themselves.
+        self._pending: List[tuple] = []
+        self._values: List[torch.Tensor] = []
+
+    def add(self, batch_idx: int, result: Dict[str, Any], softmax_loss: Optional[torch.Tensor], n: int) -> None:
+        """Keep a batch's loss, softmax loss and loss parts (detached, on the device) for the next :meth:`read`."""
+        if result.get('grouping_statistics') is not None:
+            self.grouping.update(result['grouping_statistics'], n)
+        named = [('loss', result['batch_loss'])]
+        if softmax_loss is not None:
+            named.append(('softmax_loss', softmax_loss))
+        named.extend((name, result[name]) for name in self.parts if result.get(name) is not None)
+        self._pending.append((batch_idx, n, tuple(name for name, _ in named)))
+        self._values.extend(value.detach().float().reshape(()) for _, value in named)
+
+    def read(self, distributed: bool, world_size: int) -> Optional[Tuple[int, float]]:
+        """Bring the kept values to the host and add them to the meters.
+
+        Under DDP the values are averaged over the processes (every process calls this at the same batches).
+
+        Returns:
+            None when every loss was finite on every process; else ``(batch index, its loss on this process)``
+            of the first batch whose loss was not finite (on any process); the meters are then left as they were.
+        """
+        if not self._values:
+            return None
+        local = torch.stack(self._values)
+        if distributed:
+            mean = local.clone()
+            torch.distributed.all_reduce(mean)
+            both = torch.cat([local, mean / world_size]).tolist()
+            local_values, values = both[:len(local)], both[len(local):]
+        else:
+            values = local_values = local.tolist()
+        pending, self._pending, self._values = self._pending, [], []
+        position = 0
+        for batch_idx, _, names in pending:
+            if not math.isfinite(values[position]):
+                return batch_idx, local_values[position]
+            position += len(names)
+        position = 0
+        for _, n, names in pending:
+            for name, value in zip(names, values[position:position + len(names)]):
+                self._meter(name).update(value, n)
+            position += len(names)
+        return None
+
+    def _meter(self, name: str) -> utils.AverageMeter:
+        if name == 'loss':
+            return self.loss
+        if name == 'softmax_loss':
+            return self.softmax_loss
+        return self.parts[name]
 
     def metrics(self, distributed: bool) -> 'OrderedDict[str, float]':
         # An epoch whose updates were all made before an interruption trained nothing here: no loss to report.
@@ -287,8 +346,12 @@ def _checkpoints_left(output_dir: Optional[str]) -> str:
 
 
 def _forward_backward(task: TrainingTask, input: Any, target: torch.Tensor, state: TrainingState, batch: _Batch,
-                      clip_parameters: Optional[List[torch.nn.Parameter]], where: str) -> Dict[str, Any]:
-    """One batch's forward pass, finite check, scaled backward pass and (on an update) optimiser step."""
+                      clip_parameters: Optional[List[torch.nn.Parameter]]) -> Dict[str, Any]:
+    """One batch's forward pass, scaled backward pass and (on an update) optimiser step; no host read.
+
+    The loss is not checked here (that would wait for the device in the middle of every step): the loop checks
+    the kept losses at its next read, before any checkpoint (see :func:`train_one_epoch`).
+    """
     optimizer = state.optimizer
     second_order = getattr(optimizer, 'is_second_order', False)
     sync_context = task.no_sync() if (state.distributed and not batch.need_update) else nullcontext()
@@ -296,10 +359,6 @@ def _forward_backward(task: TrainingTask, input: Any, target: torch.Tensor, stat
         with state.amp_autocast():
             result = task(input, target)
             loss = result['loss']
-        if not loss_is_finite(loss, state.distributed):
-            raise NonFiniteLossError(
-                f'Non-finite training loss ({loss.detach().float().item()} on this process) at {where}: '
-                f'stopped before that update; {_checkpoints_left(state.output_dir)}.')
         scale = _loss_scale(input, state)
         if scale != 1.0:
             loss = loss * scale
@@ -319,30 +378,25 @@ def _forward_backward(task: TrainingTask, input: Any, target: torch.Tensor, stat
     return result
 
 
-def _measure_batch(meters: _EpochMeters, result: Dict[str, Any], softmax_loss: Optional[torch.Tensor], n: int,
-                   state: TrainingState) -> None:
-    """Add a batch to the epoch's means (distributed runs add their reduced values once per update instead)."""
-    if result.get('grouping_statistics') is not None:
-        meters.grouping.update(result['grouping_statistics'], n)
-    if state.distributed:
+def _read_meters(meters: _EpochMeters, state: TrainingState, epoch: int, updates_per_epoch: int,
+                 num_updates: int) -> None:
+    """Read the kept losses (every process together); stop the run on the first non-finite one.
+
+    Raises:
+        NonFiniteLossError: naming the batch whose loss was not finite; raised before the caller writes any
+            checkpoint or log line of this update.
+    """
+    bad = meters.read(state.distributed, state.world_size)
+    if bad is None:
         return
-    meters.loss.update(result['batch_loss'].item(), n)
-    if softmax_loss is not None:
-        meters.softmax_loss.update(float(softmax_loss), n)
-    for name, meter in meters.parts.items():
-        if result.get(name) is not None:
-            meter.update(float(result[name].detach()), n)
-
-
-def _reduce_update(meters: _EpochMeters, result: Dict[str, Any], softmax_loss: Optional[torch.Tensor], n: int,
-                   state: TrainingState) -> None:
-    """Distributed: every process reduces every update, so no process waits on another's log line."""
-    meters.loss.update(utils.reduce_tensor(result['batch_loss'], state.world_size).item(), n)
-    if softmax_loss is not None:
-        meters.softmax_loss.update(utils.reduce_tensor(softmax_loss.detach().float(), state.world_size).item(), n)
-    for name, meter in meters.parts.items():
-        if result.get(name) is not None:
-            meter.update(utils.reduce_tensor(result[name].detach().float(), state.world_size).item(), n)
+    bad_idx, value = bad
+    bad_update = epoch * updates_per_epoch + bad_idx // state.grad_accum_steps + 1
+    checked = ('' if bad_update == num_updates else
+               f' (losses are read at log lines; the run stopped at update {num_updates}, the first read after it)')
+    raise NonFiniteLossError(
+        f'Non-finite training loss ({value} on this process) at epoch {epoch}, batch {bad_idx}, update {bad_update} '
+        f'(counted from the start of training){checked}: stopped before any checkpoint of that state; '
+        f'{_checkpoints_left(state.output_dir)}.')
 
 
 def _log_update(epoch: int, batch: _Batch, updates_per_epoch: int, meters: _EpochMeters, samples: int,
@@ -400,8 +454,10 @@ def train_one_epoch(
         grouping statistics of :class:`GroupingMeter` when the task result holds ``grouping_statistics``).
 
     Raises:
-        NonFiniteLossError: a batch loss is NaN or infinite (on any process), before its backward
-            pass and optimiser step, so the weights and the checkpoints on disk stay as they were.
+        NonFiniteLossError: a batch loss was NaN or infinite (on any process). The losses stay on the device
+            and are read at log lines, before a recovery checkpoint and at the epoch's end (a step waits for
+            nothing), so the error comes at the first such read after the bad batch: before any checkpoint
+            holds the weights it produced, on every process at the same update.
     """
     softmax_loss_of = softmax_loss_of or (lambda result: result.get('softmax_loss'))
     optimizer = state.optimizer
@@ -429,11 +485,9 @@ def train_one_epoch(
         input, target = _prepare_batch(input, target, state)
         # Times are per full update, so scale a part of one up.
         meters.data_time.update(batch.accum_steps * (time.time() - data_start_time))
-        where = f'epoch {epoch}, batch {batch_idx}, update {num_updates + 1} (counted from the start of training)'
-        result = _forward_backward(task, input, target, state, batch, clip_parameters, where)
+        result = _forward_backward(task, input, target, state, batch, clip_parameters)
         n = batch_size_of(input)
-        softmax_loss = softmax_loss_of(result)
-        _measure_batch(meters, result, softmax_loss, n, state)
+        meters.add(batch_idx, result, softmax_loss_of(result), n)
         update_sample_count += n
         if bar is not None:
             bar.update(1)
@@ -450,14 +504,16 @@ def train_one_epoch(
         meters.update_time.update(time_now - update_start_time)
         update_start_time = time_now
         if state.distributed:
-            _reduce_update(meters, result, softmax_loss, n, state)
             update_sample_count *= state.world_size
+        log_due = batch.update_idx % state.log_interval == 0 or batch.last
+        recovery_due = state.recovery_interval and (batch.update_idx + 1) % state.recovery_interval == 0
+        if log_due or recovery_due:  # the loop's only host reads (every process at the same updates)
+            _read_meters(meters, state, epoch, updates_per_epoch, num_updates)
         if bar is not None:
             bar.set_postfix(loss=f'{meters.loss.avg:.3f}', lr=f'{_mean_lr(optimizer):.2e}')
-        if batch.update_idx % state.log_interval == 0 or batch.last:
+        if log_due:
             _log_update(epoch, batch, updates_per_epoch, meters, update_sample_count, optimizer)
             _save_images(input, state, batch_idx)
-        recovery_due = state.recovery_interval and (batch.update_idx + 1) % state.recovery_interval == 0
         if state.saver is not None and recovery_due:
             state.saver.save_recovery(epoch, batch_idx=batch.update_idx)
         if state.lr_scheduler is not None:
@@ -469,6 +525,7 @@ def train_one_epoch(
         bar.close()
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
+    _read_meters(meters, state, epoch, updates_per_epoch, num_updates)  # nothing left unless the loader ran short
     metrics = meters.metrics(state.distributed)
     line = format_grouping(metrics)
     if line:
