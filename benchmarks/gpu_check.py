@@ -15,6 +15,11 @@ as JSON:
 3. **The loss alone**: forward + backward of the classifier's loss at B = 256, D = 2048 and C = 1,000 and
    21,843 (ImageNet-21k's classes): :func:`timm_gsl.group_softmax_loss` against ``F.linear`` +
    ``F.cross_entropy``.
+4. **Our training loop against timm's**: is our ``train.py`` as fast as timm's? The same model, synthetic
+   batches already on the device and bfloat16 autocast, trained by :func:`benchmarks.loops.timm_style_epoch`
+   (timm's ``train_one_epoch`` per step, ``--loss ce``) and by our :func:`timm_gsl.engine.train_one_epoch` with
+   ``--loss ce`` and ``--loss gsl``, in interleaved rounds; ratios to timm's loop in the same round with a
+   bootstrap interval (:func:`benchmarks.loops.ratio_summary`).
 
 ``--device cpu --quick`` runs the same code at toy sizes (a tiny model, batch 4, a few steps, the
 ``aot_eager`` compile backend) in well under a minute, so the script is known to work before a GPU appears;
@@ -60,12 +65,13 @@ class Sizes:
     loss_classes: Sequence[int]
     loss_repeats: int
     compile_backend: str
+    loop_rounds: int
 
 
 FULL = Sizes('resnet50', 224, 128, warmup=5, steps=20, loss_batch=256, loss_dim=2048,
-             loss_classes=(1000, 21843), loss_repeats=20, compile_backend='inductor')
+             loss_classes=(1000, 21843), loss_repeats=20, compile_backend='inductor', loop_rounds=7)
 QUICK = Sizes('test_resnet', 32, 4, warmup=1, steps=2, loss_batch=8, loss_dim=64, loss_classes=(10, 50),
-              loss_repeats=2, compile_backend='aot_eager')
+              loss_repeats=2, compile_backend='aot_eager', loop_rounds=3)
 
 
 def _sync(device: torch.device) -> None:
@@ -207,6 +213,35 @@ def loss_table(sizes: Sizes, device: torch.device) -> List[Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. Our training loop against timm's
+# ----------------------------------------------------------------------------------------------
+
+def loop_table(sizes: Sizes, device: torch.device) -> Dict[str, Any]:
+    """timm's loop (ce) against ours (ce, gsl): seconds per step and ratios to timm's, bfloat16 autocast."""
+    import functools
+    from benchmarks.loops import interleaved_rounds, ours_epoch, ratio_summary, timm_style_epoch
+
+    generator = torch.Generator(device='cpu').manual_seed(0)
+    batches = [(torch.randn(sizes.batch, 3, sizes.img_size, sizes.img_size, generator=generator).to(device),
+                torch.randint(0, 1000, (sizes.batch,), generator=generator).to(device))
+               for _ in range(sizes.steps)]
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    loops = {}
+    for name, loss, epoch_fn in (('timm', 'ce', timm_style_epoch), ('ours-ce', 'ce', ours_epoch),
+                                 ('ours-gsl', 'gsl', ours_epoch)):
+        task = _make_task(loss, sizes, device, channels_last=False, compiled=False)
+        optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.01, momentum=0.9)
+        extra = dict(device=device) if epoch_fn is ours_epoch else {}
+        loops[name] = functools.partial(lambda f, t, o, x, epoch: f(t, o, batches, epoch, amp_autocast=autocast,
+                                                                    **x), epoch_fn, task, optimizer, extra)
+    times = interleaved_rounds(loops, sizes.loop_rounds, synchronize=lambda: _sync(device))
+    summary = ratio_summary(times, 'timm')
+    for row in summary.values():
+        row['step_s'] = row.pop('median_s') / sizes.steps
+    return dict(rounds=sizes.loop_rounds, steps=sizes.steps, amp_dtype='bfloat16', loops=summary)
+
+
+# ----------------------------------------------------------------------------------------------
 # 1. CUDA-only paths
 # ----------------------------------------------------------------------------------------------
 
@@ -274,6 +309,14 @@ def format_tables(result: Dict[str, Any]) -> str:
     for row in result['loss']:
         lines.append(f'  {row["batch"]:5d} {row["dim"]:6d} {row["classes"]:7d} {1e3 * row["plain_s"]:8.2f} '
                      f'{1e3 * row["gsl_s"]:8.2f} {row["gsl_over_plain"]:9.2f}')
+    loop = result['loop']
+    lines += ['', f'4. Our training loop against timm\'s ({loop["amp_dtype"]} autocast, {loop["steps"]} steps x '
+                  f'{loop["rounds"]} interleaved rounds; ratio to timm\'s loop in the same round)',
+              f'  {"loop":9s} {"ms/step":>8s} {"ratio":>6s} {"95% CI":>13s}  verdict']
+    for name, row in loop['loops'].items():
+        interval = f'{row["ci_low"]:.3f}-{row["ci_high"]:.3f}' if 'ci_low' in row else ''
+        lines.append(f'  {name:9s} {1e3 * row["step_s"]:8.2f} {row["ratio"]:6.3f} {interval:>13s}  '
+                     f'{row.get("verdict", "baseline")}')
     lines.append(f'\nTotal: {result["seconds"]:.0f} s')
     return '\n'.join(lines)
 
@@ -305,6 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result['cuda_paths'] = cuda_paths(device, args.quick)
     result['training'] = training_table(sizes, device, (False,) if args.no_compile else (False, True))
     result['loss'] = loss_table(sizes, device)
+    result['loop'] = loop_table(sizes, device)
     result['seconds'] = time.time() - started
     print(format_tables(result))
     if args.output:

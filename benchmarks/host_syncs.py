@@ -24,7 +24,6 @@ import sys
 import traceback
 from typing import Counter, Iterator, List, Optional, Sequence, Tuple
 
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 

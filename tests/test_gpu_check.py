@@ -28,9 +28,13 @@ def test_quick_cpu_run_covers_every_configuration_and_writes_json(tmp_path, caps
         assert row['gsl_over_ce'] > 0
     assert [r['classes'] for r in result['loss']] == list(gpu_check.QUICK.loss_classes)
     assert all(r['gsl_s'] > 0 and r['plain_s'] > 0 for r in result['loss'])
+    loops = result['loop']['loops']
+    assert list(loops) == ['timm', 'ours-ce', 'ours-gsl'] and loops['timm']['ratio'] == 1.0
+    assert all(row['step_s'] > 0 and row['ratio'] > 0 and 'noise' in row['verdict']
+               for name, row in loops.items() if name != 'timm')
     assert all(v['status'].startswith('skipped: needs CUDA') for v in result['cuda_paths'].values())
     printed = capsys.readouterr().out
-    assert '2. Training steps' in printed and '3. The loss alone' in printed
+    assert '2. Training steps' in printed and '3. The loss alone' in printed and '4. Our training loop' in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal on a machine without CUDA')

@@ -3,7 +3,7 @@
 The loop keeps the batch losses on the device and reads them at its log lines, before a recovery checkpoint and
 at the epoch's end. Counted with :class:`benchmarks.host_syncs.HostReadCounter` (every ``item``, ``bool``,
 ``float``, ``tolist``, ``cpu``, ... of a tensor). timm's own ``train_one_epoch`` reads ``loss.item()`` once a
-batch: the minimal timm loop of ``benchmarks/bench_train.py`` stands for it here.
+batch: ``benchmarks.loops.timm_style_epoch``, its per-step work, stands for it here.
 """
 import math
 import os
@@ -12,7 +12,7 @@ import socket
 import pytest
 import torch
 
-from benchmarks.bench_train import _timm_loop
+from benchmarks.loops import timm_style_epoch
 from benchmarks.host_syncs import HostReadCounter
 from timm_gsl import functional
 from timm_gsl.cli.train import apply_embedded_recipe, build_run, check_args, main, parse_args
@@ -88,9 +88,8 @@ def test_a_step_reads_nothing_from_the_device_only_log_lines_and_the_epoch_end_d
 def test_timm_reads_the_loss_once_a_step_and_the_counter_sees_it():
     run = _run('ce')
     batches = _batches(run, 6)
-    model = run.task.get_trainable_module()
-    with HostReadCounter(loop_function='_timm_loop') as counter:
-        _timm_loop(model, run.optimizer, torch.nn.CrossEntropyLoss(), batches, run.lr_scheduler, 1)
+    with HostReadCounter(loop_function='timm_style_epoch') as counter:
+        timm_style_epoch(run.task, run.optimizer, batches, 1, run.lr_scheduler)
     assert counter.steps == 6 and counter.in_loop == 6
     assert [name for name, _ in counter.loop_reads] == ['item']
 
