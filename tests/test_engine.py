@@ -87,3 +87,11 @@ def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path):
     plain.write_text('x')
     write_text_atomic(str(atomic), 'x')
     assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+def test_summary_opens_with_timms_best_metric_line():
+    # timm's train.py logs '*** Best metric: {best_metric} (epoch {best_epoch})' with the float as Python prints it.
+    lines = format_summary(100 / 3, 7, 'top1', None).splitlines()
+    assert lines[0] == '*** Best metric: 33.333333333333336 (epoch 7)'
+    assert lines[1] == 'Best top1: 33.333 (epoch 7)'
+    assert format_summary(None, None, 'top1', None).splitlines()[0] == 'No evaluation was run.'

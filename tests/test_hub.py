@@ -148,6 +148,11 @@ def published(server, hf_home, run_dir, tmp_path_factory):
     done = _push(server, hf_home, tmp_path_factory.mktemp('push'), checkpoint, '--repo-id', REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f'Published {checkpoint} to {REPO}' in done.stdout
+    # One line a file, not one a request of the HTTP client.
+    log = done.stdout + done.stderr
+    assert 'HTTP Request' not in log, log
+    assert sorted(line.split()[1] for line in log.splitlines() if line.startswith('  uploaded ')) == [
+        'README.md', 'config.json', 'learning_curves.png', 'model.safetensors'], log
     return checkpoint
 
 

@@ -277,7 +277,7 @@ def test_installed_scripts_train_one_epoch_then_validate_the_best_checkpoint(ins
     work = installed['work']
     train = _run([_script(installed, 'timm-gsl-train'), *TRAIN_FLAGS, '--output', work / 'runs',
                   '--experiment', 'one-epoch'], cwd=work)
-    assert 'Best top1' in train.stdout + train.stderr
+    assert '*** Best metric: ' in train.stdout + train.stderr and 'Best top1' in train.stdout + train.stderr
     run_dir = work / 'runs' / 'one-epoch'
     for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar'):
         assert (run_dir / name).is_file(), name

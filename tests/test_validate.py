@@ -199,11 +199,13 @@ def test_bad_option_values_raise_value_error_naming_the_flag(flags, named, check
 
 def test_no_data_flags_evaluate_the_embedded_validation_split_like_timm(model10, checkpoint_with_args, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
+    caplog.set_level(logging.INFO, logger='timm_gsl.cli.common')
     # No --device: the default 'cuda' falls back to the CPU with a notice when CUDA is absent.
     device = ['--device', 'cpu'] if torch.cuda.is_available() else []
     results = validate(parse_args(['-j', '0', '-b', '300', '--checkpoint', str(checkpoint_with_args), *device]))
-    if not torch.cuda.is_available():
-        assert 'CUDA is not available' in caplog.text
+    if not torch.cuda.is_available():  # said, but not as a warning: the user did not ask for CUDA
+        notices = [r for r in caplog.records if 'CUDA is not available' in r.getMessage()]
+        assert [r.levelname for r in notices] == ['INFO'], notices
     assert "model='test_resnet'" in caplog.text and 'input_size=[3, 28, 28]' in caplog.text
     val = gsl_data.create_dataset(gsl_data.EMBEDDED_DATASET, split='validation')
     top1, top5 = reference_eval(model10, val, {'input_size': (3, SIZE, SIZE)})
@@ -429,3 +431,14 @@ def test_naflex_loader_evaluates_a_naflex_model(tmp_path, image_folder):
                   '--naflex-loader', '--naflex-max-seq-len', '16', '--data-dir', str(image_folder), '-b', '20')
     assert 0 <= results['top1'] <= results['top5'] <= 100
     assert results['param_count'] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+
+def test_cuda_fallback_is_a_warning_only_when_the_user_named_the_device(monkeypatch, caplog):
+    from timm_gsl.cli.common import resolve_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    caplog.set_level(logging.INFO, logger='timm_gsl.cli.common')
+    assert resolve_device('cuda', 'validating', asked=False) == torch.device('cpu')
+    assert resolve_device('cuda:1', 'training') == torch.device('cpu')
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ('INFO', 'CUDA is not available: validating on the CPU.'),
+        ('WARNING', "--device 'cuda:1' requested but CUDA is not available: training on the CPU instead.")]

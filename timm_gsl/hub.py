@@ -820,6 +820,14 @@ def check_publish_options(revision: Optional[str], create_pr: bool) -> None:
                          f'drop the revision or the pull request.')
 
 
+def _human_size(size: int) -> str:
+    for unit in ('bytes', 'KiB', 'MiB'):
+        if size < 1024 or unit == 'MiB':
+            return f'{size} {unit}' if unit == 'bytes' else f'{size:.1f} {unit}'
+        size /= 1024
+    return f'{size:.1f} GiB'
+
+
 def push_checkpoint(
         checkpoint: str,
         repo_id: str,
@@ -894,6 +902,9 @@ def push_checkpoint(
             raise HubPublishError(
                 f'Publishing {checkpoint!r} to {repo_id!r} failed: {type(e).__name__}: {e}. Nothing was '
                 f'committed; run the command again to retry.') from e
+        sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in files}
+    for name in files:  # one line a file (the HTTP client's own request lines are the command line's to quiet)
+        _logger.info(f'  uploaded {name} ({_human_size(sizes[name])})')
     if kept_card:
         _logger.info(f'{repo_id} already has a {CARD_FILE}: kept it (--replace-card replaces it with the card of '
                      f'this checkpoint).')

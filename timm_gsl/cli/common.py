@@ -34,12 +34,14 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Set[
     return set(vars(given))
 
 
-def resolve_device(name: str, purpose: str = 'running') -> torch.device:
+def resolve_device(name: str, purpose: str = 'running', asked: bool = True) -> torch.device:
     """The torch device named ``name``; a CUDA device falls back to the CPU, with a notice, when CUDA is absent.
 
     Args:
         name: a torch device string ('cuda', 'cuda:1', 'cpu', ...).
         purpose: what the device is for, used in the notice ('training', 'validating').
+        asked: the user named the device (``--device``); the notice is a warning then, else (timm's default
+            'cuda' on a machine without it) an info line.
 
     Returns:
         The device.
@@ -52,7 +54,10 @@ def resolve_device(name: str, purpose: str = 'running') -> torch.device:
     except RuntimeError as e:
         raise ValueError(f"Unknown --device {name!r}: expected a torch device such as 'cuda' or 'cpu' ({e}).")
     if device.type == 'cuda' and not torch.cuda.is_available():
-        _logger.warning(f"--device {name!r} requested but CUDA is not available: {purpose} on the CPU instead.")
+        if asked:
+            _logger.warning(f"--device {name!r} requested but CUDA is not available: {purpose} on the CPU instead.")
+        else:
+            _logger.info(f'CUDA is not available: {purpose} on the CPU.')
         return torch.device('cpu')
     return device
 
@@ -246,6 +251,13 @@ def repo_id_type(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e))
 
 
+def quiet_http_logs() -> None:
+    """Keep the HTTP client's one INFO line per request (``httpx`` or ``httpx2``, under ``huggingface_hub``) out of a
+    command's output; its warnings and errors still show."""
+    for name in ('httpx', 'httpcore', 'httpx2', 'httpcore2'):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def setup_logging() -> None:
     """INFO-level logging for a command, as timm sets it up, without stacking handlers.
 
@@ -257,3 +269,4 @@ def setup_logging() -> None:
         setup_default_logging()
     elif logging.root.level > logging.INFO or logging.root.level == logging.NOTSET:
         logging.root.setLevel(logging.INFO)
+    quiet_http_logs()

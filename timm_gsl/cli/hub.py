@@ -18,7 +18,7 @@ import sys
 from typing import Callable, Dict, Optional, Sequence
 
 from ..hub import HubPublishError, build_model, export_checkpoint, load_training_checkpoint, push_checkpoint
-from .common import ArgumentParser, check_can_create, exit_with_error, one_line, repo_id_type
+from .common import ArgumentParser, check_can_create, exit_with_error, one_line, quiet_http_logs, repo_id_type
 from .train_args import training_command
 
 __all__ = ['get_args_parser', 'main']
@@ -135,6 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         and one line, ``python -m timm_gsl <command>: error: <message>``, before anything is written or sent.
     """
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    quiet_http_logs()
     parser = get_args_parser()
     args = parser.parse_args(argv)
     prog = f'{parser.prog} {args.command}'

@@ -547,7 +547,7 @@ def resolve_args(args: argparse.Namespace, explicit) -> None:
             importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f'--device-modules {" ".join(args.device_modules)}: {e}.') from e
-    args.device = str(resolve_device(args.device, 'training'))
+    args.device = str(resolve_device(args.device, 'training', asked='device' in explicit))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

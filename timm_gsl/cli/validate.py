@@ -602,7 +602,7 @@ def _checkpoint_temperature(checkpoint: Optional[Dict[str, Any]], args: argparse
 
 def _set_up(args: argparse.Namespace):
     """The device, the model dtype and the autocast context; seeds and global switches."""
-    device = resolve_device(args.device, 'validating')
+    device = resolve_device(args.device, 'validating', asked='device' in _passed(args))
     if args.num_gpu > 1 and (device.type != 'cuda' or torch.cuda.device_count() < args.num_gpu):
         available = torch.cuda.device_count() if device.type == 'cuda' else 0
         raise ValueError(f'--num-gpu {args.num_gpu} needs that many CUDA devices; {available} available on '

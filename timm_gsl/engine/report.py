@@ -79,7 +79,8 @@ def format_summary(
         elapsed_s: Optional[float] = None,
         clean_train_metrics: Optional[Dict[str, float]] = None,
 ) -> str:
-    """The closing lines of a run: best metric and epoch, last epoch's metrics, where outputs are.
+    """The closing lines of a run: timm's ``*** Best metric`` line, then ours: the best metric by name, the
+    last epoch's metrics, where outputs are.
 
     Args:
         best_metric: best value of ``eval_metric`` (None if never evaluated).
@@ -95,9 +96,12 @@ def format_summary(
     """
     lines = []
     if best_metric is not None:
-        lines.append(f'Best {eval_metric}: {best_metric:.3f} (epoch {best_epoch})')
+        # Exactly timm's train.py line (scripts parse it); the metric is eval_metric, named in the next line.
+        lines.append(f'*** Best metric: {best_metric} (epoch {best_epoch})')
     else:
         lines.append('No evaluation was run.')
+    if best_metric is not None:
+        lines.append(f'Best {eval_metric}: {best_metric:.3f} (epoch {best_epoch})')
     if last_metrics:
         lines.append('Last evaluation: ' + ', '.join(f'{k} {v:.4g}' for k, v in last_metrics.items()))
     if clean_train_metrics:
