@@ -9,6 +9,7 @@ repository, never imports ``timm_gsl`` (checked), and refuses to unpickle anythi
 import csv
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -222,6 +223,29 @@ def test_training_command_sets_exactly_the_non_default_training_flags():
     parsed = get_args_parser().parse_args(command.split()[2:])
     assert (parsed.model, parsed.gsl_groups, parsed.mean, parsed.no_aug, parsed.model_kwargs) == (
         'resnet18', 8, [0.5, 0.4, 0.3], True, {'drop_rate': 0.1})
+
+
+def test_training_command_keeps_workers_and_publishes_no_local_path():
+    from timm_gsl.cli.train_args import get_args_parser, training_command
+    defaults = vars(get_args_parser().parse_args([]))
+    command = training_command(dict(defaults, workers=0, data_dir='/home/someone/datasets/flowers/'))
+    assert command == 'python train.py --data-dir path/to/flowers --workers 0'
+    assert training_command(dict(defaults, data_dir='relative/dir')) == 'python train.py --data-dir relative/dir'
+
+
+@pytest.mark.slow
+def test_the_cards_training_command_reproduces_the_run(server, published, run_dir, tmp_path):
+    _, body = _card(server.files(REPO)['README.md'].decode())
+    command = body.split('## Training command')[1].split('```bash\n')[1].split('\n')[0]
+    words = shlex.split(command)
+    assert words[:2] == ['python', 'train.py'] and '--workers' in words
+    # As printed, in a new folder (train.py's device and output flags are not part of the recipe).
+    again = train_main(words[2:] + ['--output', str(tmp_path), '--experiment', 'again', '--device', 'cpu'])
+    with open(os.path.join(run_dir, 'summary.csv'), newline='') as f:
+        first = list(csv.DictReader(f))
+    with open(os.path.join(again['output_dir'], 'summary.csv'), newline='') as f:
+        second = list(csv.DictReader(f))
+    assert second == first
 
 
 # ----------------------------------------------------------------------------------------------

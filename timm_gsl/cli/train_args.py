@@ -798,7 +798,7 @@ def loss_name(args: argparse.Namespace) -> str:
 _NOT_TRAINING_FLAGS = frozenset({
     'config', 'data', 'device', 'output', 'experiment', 'resume', 'no_resume_opt', 'local_rank', 'log_wandb',
     'wandb_project', 'wandb_tags', 'wandb_resume_id', 'push_to_hub', 'hub_private', 'hub_revision',
-    'hub_create_pr', 'hub_replace_card', 'log_interval', 'save_images', 'workers', 'pin_mem',
+    'hub_create_pr', 'hub_replace_card', 'log_interval', 'save_images', 'pin_mem',
 })
 
 
@@ -811,7 +811,9 @@ def training_command(args: Dict[str, Any]) -> str:
         args: training arguments (a checkpoint's ``args``).
 
     Returns:
-        ``python train.py --flag value ...``, shell-quoted.
+        ``python train.py --flag value ...``, shell-quoted. ``--workers`` is kept (each loader worker draws its
+        own augmentations, so the number of workers changes the batches); an absolute ``--data-dir`` is shown as
+        ``path/to/<its last folder>``, so that no path of the training machine is published.
     """
     words = ['python', 'train.py']
     for action in get_args_parser()._actions:
@@ -821,6 +823,8 @@ def training_command(args: Dict[str, Any]) -> str:
         value = args[dest]
         if value == action.default or value is None:
             continue
+        if dest == 'data_dir' and os.path.isabs(str(value)):
+            value = 'path/to/' + (os.path.basename(os.path.normpath(str(value))) or 'data')
         flag = max(action.option_strings, key=len)
         if isinstance(action, argparse._StoreTrueAction):
             words += [flag] if value else []
