@@ -212,6 +212,24 @@ def test_model_card_has_hub_metadata_settings_conditions_metrics_and_citation(se
     assert 'local/' not in body and 'local-dir:' not in body
 
 
+def test_card_names_each_loss_and_where_the_evaluation_images_come_from(server, published):
+    meta, body = _card(server.files(REPO)['README.md'].decode())
+    # The embedded validation images are part of Fashion-MNIST's test set: so the card says, and its metadata
+    # names the Hub dataset's 'test' split, which exists there ('validation' does not).
+    assert meta['model-index'][0]['results'][0]['dataset']['split'] == 'test'
+    assert "the `validation` split: 100 images per class of Fashion-MNIST's test set, never trained on" in body
+    table = body.split('Every evaluated epoch:')[1]
+    header = next(line for line in table.splitlines() if line.startswith('| epoch'))
+    assert header == ('| epoch | training loss | softmax loss, same batches | clean training loss | evaluation loss '
+                      '| top-1 | top-5 |')
+    for text in ('- **training loss:** group softmax loss (the sum over groups, Type-II), augmented training '
+                 'batches, label smoothing 0.1',
+                 '- **softmax loss, same batches:** softmax cross-entropy of the same batches',
+                 '- **evaluation loss:** softmax cross-entropy of the evaluation images',
+                 '| evaluation loss (softmax cross-entropy) |'):
+        assert text in body, text
+
+
 def test_training_command_sets_exactly_the_non_default_training_flags():
     from timm_gsl.cli.train_args import get_args_parser, training_command
     defaults = vars(get_args_parser().parse_args([]))

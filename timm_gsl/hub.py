@@ -463,18 +463,53 @@ def model_card(
     final, rows = _evaluation(checkpoint)
     data_name, hub_dataset = _data_description(args)
     conditions = _conditions(args, config['num_classes'])
-    split = args.get('val_split') or 'validation'
+    split, split_source, hub_split = _evaluation_split(args)
     base = base_model(args)
-    metadata = _card_metadata(config, final, data_name, hub_dataset, conditions, split, license, base, title)
+    metadata = _card_metadata(config, final, data_name, hub_dataset, conditions, hub_split, license, base, title)
     lines = ['---', metadata, '---', '', f'# {title}', '']
     lines += _card_details(checkpoint, model, config, load_name, base)
-    lines += _card_training(args, data_name, conditions, split)
-    lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'))
+    lines += _card_training(args, data_name, conditions, split, split_source)
+    lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'), _loss_labels(args))
     lines += _card_usage(args, config, load_name, data_name)
     if training_command is not None:
         lines += ['## Training command', '', '```bash', training_command(args), '```', '']
     lines += ['## Citation', '', '```bibtex', CITATION, '```', '']
     return '\n'.join(lines)
+
+
+def _evaluation_split(args: Dict[str, Any]) -> Tuple[str, str, str]:
+    """The evaluation split: its name in the run, where its images come from (words), and its name in the Hub
+    dataset of the card's metadata (the embedded validation images are a part of Fashion-MNIST's test set)."""
+    split = args.get('val_split') or 'validation'
+    dataset = args.get('dataset') or ''
+    if gsl_data.is_embedded(dataset):
+        info = gsl_data.embedded_dataset_info()
+        return split, (f"{info['val_per_class']} images per class of Fashion-MNIST's test set, never trained "
+                       f"on"), 'test'
+    if dataset:
+        return split, f'the dataset\'s `{split}` split', split
+    return split, f'the `{split}` folder beside the training images', split
+
+
+def _loss_labels(args: Dict[str, Any]) -> Dict[str, str]:
+    """What each loss column of ``summary.csv`` measures, in words, for this run's settings."""
+    loss = args.get('loss', 'gsl')
+    targets = []
+    if args.get('mixup') or args.get('cutmix') or args.get('cutmix_minmax'):
+        targets.append('mixed targets')
+    if args.get('smoothing'):
+        targets.append(f'label smoothing {args["smoothing"]}')
+    on = 'augmented training batches' + (f', {", ".join(targets)}' if targets else '')
+    if loss == 'gsl':
+        trained = f'group softmax loss (the sum over groups, Type-{args.get("gsl_type")}), {on}'
+    else:
+        trained = f'training loss (`{loss}`), {on}'
+    if args.get('kd_model_name'):
+        trained += ', with the distillation term'
+    return {'train_loss': trained,
+            'train_softmax_loss': 'softmax cross-entropy of the same batches',
+            'train_clean_loss': 'softmax cross-entropy of the training images without augmentation, eval mode',
+            'eval_loss': 'softmax cross-entropy of the evaluation images'}
 
 
 def _conditions(args: Dict[str, Any], num_classes: int) -> str:
@@ -559,7 +594,8 @@ def _calibration_rows(calibration: Dict[str, Any]) -> List[str]:
             f'| ECE (%), {after} | {_fmt(calibration["ece_after"])} |']
 
 
-def _card_training(args: Dict[str, Any], data_name: str, conditions: str, split: str) -> List[str]:
+def _card_training(args: Dict[str, Any], data_name: str, conditions: str, split: str,
+                   split_source: str) -> List[str]:
     """How it was trained: the loss (and the teacher it was distilled from) and the data."""
     loss = args.get('loss', 'gsl')
     lines = ['## Training loss', '']
@@ -579,33 +615,42 @@ def _card_training(args: Dict[str, Any], data_name: str, conditions: str, split:
         '', '## Training data', '',
         f'- **Dataset:** {data_name}',
         f'- **Conditions:** {conditions}',
-        f'- **Evaluated on:** the `{split}` split, same classes',
+        f'- **Evaluated on:** the `{split}` split: {split_source}; same classes',
         '',
     ]
 
 
+_LOSS_COLUMNS = (('train_loss', 'training loss'), ('train_softmax_loss', 'softmax loss, same batches'),
+                 ('train_clean_loss', 'clean training loss'), ('eval_loss', 'evaluation loss'))
+
+
 def _card_evaluation(final: Dict[str, float], rows: List[Dict[str, str]], learning_curves: bool,
-                     calibration: Optional[Dict[str, Any]] = None) -> List[str]:
-    """The final metrics (with NLL and ECE before and after temperature scaling), every evaluated epoch,
-    and the learning curves."""
+                     calibration: Optional[Dict[str, Any]] = None,
+                     loss_labels: Optional[Dict[str, str]] = None) -> List[str]:
+    """The final metrics (with NLL and ECE before and after temperature scaling), every evaluated epoch with
+    each loss named for what it measures (``loss_labels``, from :func:`_loss_labels`), and the learning
+    curves."""
+    loss_labels = loss_labels or {}
     lines = ['## Evaluation', '']
     if final or calibration:
         lines += ['| metric | value |', '|---|---|']
         lines += [f'| {name} | {_fmt(final[key])} |' for key, name in
-                  (('top1', 'top-1 accuracy (%)'), ('top5', 'top-5 accuracy (%)'), ('loss', 'loss'))
-                  if key in final]
+                  (('top1', 'top-1 accuracy (%)'), ('top5', 'top-5 accuracy (%)'),
+                   ('loss', 'evaluation loss (softmax cross-entropy)')) if key in final]
         lines += _calibration_rows(calibration) if calibration else []
         lines.append('')
     if calibration:
         lines += [f'NLL and ECE (expected calibration error) are measured on {calibration["reported_on"]} '
                   f'({calibration["reported_images"]} images).', '']
     if rows:
-        lines += ['Every evaluated epoch:', '', '| epoch | train loss | eval loss | top-1 | top-5 |',
-                  '|---|---|---|---|---|']
+        columns = [(key, name) for key, name in _LOSS_COLUMNS if any(row.get(key) not in (None, '') for row in rows)]
+        columns += [('eval_top1', 'top-1'), ('eval_top5', 'top-5')]
+        lines += ['Every evaluated epoch:', '', '| epoch | ' + ' | '.join(name for _, name in columns) + ' |',
+                  '|---' * (len(columns) + 1) + '|']
         for row in rows:
             lines.append('| ' + ' | '.join([row['epoch']] + [
-                _fmt(float(row[k])) if row.get(k) not in (None, '') else '' for k in
-                ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5')]) + ' |')
+                _fmt(float(row[k])) if row.get(k) not in (None, '') else '' for k, _ in columns]) + ' |')
+        lines += [''] + [f'- **{name}:** {loss_labels[key]}' for key, name in columns if key in loss_labels]
         lines.append('')
     if not final and not rows and not calibration:
         lines += ['No evaluation was recorded with this checkpoint.', '']
