@@ -288,6 +288,27 @@ def test_hub_and_local_dir_give_the_checkpoints_logits_then_offline_from_cache(
     assert len(server.requests) == before  # served from the cache the download left
 
 
+def test_the_cards_python_snippets_run_as_printed_without_timm_gsl(server, hf_home, published, tmp_path):
+    local = tmp_path / 'exported'
+    hub.export_checkpoint(published, str(local))
+    _, body = _card((local / 'README.md').read_text())
+    assert '# Model card for exported' in body and 'GMACs at 28x28)' in body
+    usage = body.split('## Usage')[1].split('\n## ')[0]
+    blocks = [block.split('```')[0] for block in usage.split('```python\n')[1:]]
+    assert len(blocks) == 3  # classification, embeddings, feature maps (a ResNet has feature_info)
+    from PIL import Image
+    Image.new('RGB', (40, 30), (120, 30, 200)).save(tmp_path / 'image.jpg')
+    script = '\n'.join(blocks) + textwrap.dedent('''
+        import sys
+        assert embedding.ndim == 2 and embedding.shape[0] == 1, embedding.shape
+        print(len(probabilities), embedding.shape, [tuple(f.shape) for f in model(transform(image).unsqueeze(0))])
+        assert 'timm_gsl' not in sys.modules
+    ''')
+    done = _run(['-c', script], _env(server, hf_home), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1].startswith('3 torch.Size([1, 96])'), done.stdout  # test_resnet: 96
+
+
 def test_validate_on_the_hub_model_reports_the_cards_top1(server, hf_home, published, tmp_path):
     meta, body = _card(server.files(REPO)['README.md'].decode())
     card_top1 = meta['model-index'][0]['results'][0]['metrics'][0]['value']

@@ -40,7 +40,7 @@ import shlex
 import shutil
 import stat
 import tempfile
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -466,11 +466,11 @@ def model_card(
     split, split_source, hub_split = _evaluation_split(args)
     base = base_model(args)
     metadata = _card_metadata(config, final, data_name, hub_dataset, conditions, hub_split, license, base, title)
-    lines = ['---', metadata, '---', '', f'# {title}', '']
+    lines = ['---', metadata, '---', '', f'# Model card for {title}', '']
     lines += _card_details(checkpoint, model, config, load_name, base)
     lines += _card_training(args, data_name, conditions, split, split_source)
     lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'), _loss_labels(args))
-    lines += _card_usage(args, config, load_name, data_name)
+    lines += _card_usage(args, config, load_name, data_name, model)
     if training_command is not None:
         lines += ['## Training command', '', '```bash', training_command(args), '```', '']
     lines += ['## Citation', '', '```bibtex', CITATION, '```', '']
@@ -545,12 +545,30 @@ def _card_metadata(config: Dict[str, Any], final: Dict[str, float], data_name: s
     return card_data.to_yaml()
 
 
+def _gmacs(model: nn.Module, input_size: Sequence[int]) -> Optional[float]:
+    """Multiply-adds of one eval forward pass of one image, in billions (torch's FLOP counter / 2); None if the
+    model cannot be run on a zero image on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model.eval()(torch.zeros(1, *input_size))
+        return counter.get_total_flops() / 2 / 1e9
+    except Exception:  # an unusual model: the card goes without the figure
+        return None
+    finally:
+        model.train(was_training)
+
+
 def _card_details(checkpoint: TrainingCheckpoint, model: nn.Module, config: Dict[str, Any], load_name: str,
                   base: Optional[str]) -> List[str]:
     """What the model is: the introduction and the model details."""
     architecture, pre = config['architecture'], config['pretrained_cfg']
     input_size = [int(s) for s in pre['input_size']]
     params = sum(p.numel() for p in model.parameters())
+    gmacs = _gmacs(model, input_size)
     labels = f' ({", ".join(map(str, config["label_names"]))})' if config.get('label_names') else ''
     lines = [
         f'A timm `{architecture}` image classifier trained with the group softmax loss with discriminative '
@@ -559,7 +577,8 @@ def _card_details(checkpoint: TrainingCheckpoint, model: nn.Module, config: Dict
         'plain timm model and loads without timm-gsl: '
         f'`timm.create_model({load_name!r}, pretrained=True)`.', '',
         '## Model details', '',
-        f'- **Architecture:** `{architecture}` ({params / 1e6:.2f}M parameters)',
+        f'- **Architecture:** `{architecture}` ({params / 1e6:.2f}M parameters'
+        + (f', {gmacs:.3g} GMACs at {"x".join(map(str, input_size[1:]))}' if gmacs is not None else '') + ')',
         f'- **Classes:** {config["num_classes"]}{labels}',
         f'- **Input:** {"x".join(map(str, input_size))}, mean {pre.get("mean")}, std {pre.get("std")}, '
         f'crop {pre.get("crop_pct")} ({pre.get("interpolation")})',
@@ -659,7 +678,31 @@ def _card_evaluation(final: Dict[str, float], rows: List[Dict[str, str]], learni
     return lines
 
 
-def _card_usage(args: Dict[str, Any], config: Dict[str, Any], load_name: str, data_name: str) -> List[str]:
+def _card_features(model: nn.Module, load_name: str) -> List[str]:
+    """timm's usual snippets: image embeddings (no classifier) and, for models that have them, feature maps."""
+    lines = [
+        'Image embeddings (the classifier\'s input; `num_classes=0` leaves the classifier out):', '',
+        '```python',
+        f'model = timm.create_model({load_name!r}, pretrained=True, num_classes=0).eval()',
+        'with torch.no_grad():',
+        '    embedding = model(transform(image).unsqueeze(0))  # (1, num_features)',
+        '```', '',
+    ]
+    if getattr(model, 'feature_info', None):
+        lines += [
+            'Feature maps of every stage:', '',
+            '```python',
+            f'model = timm.create_model({load_name!r}, pretrained=True, features_only=True).eval()',
+            'with torch.no_grad():',
+            '    for feature_map in model(transform(image).unsqueeze(0)):',
+            '        print(feature_map.shape)',
+            '```', '',
+        ]
+    return lines
+
+
+def _card_usage(args: Dict[str, Any], config: Dict[str, Any], load_name: str, data_name: str,
+                model: Optional[nn.Module] = None) -> List[str]:
     """How to use it: the Python snippet, the validate.py command, a fine-tuning command."""
     loss, subset = args.get('loss', 'gsl'), args.get('class_subset')
     input_size = [int(s) for s in config['pretrained_cfg']['input_size']]
@@ -700,6 +743,7 @@ def _card_usage(args: Dict[str, Any], config: Dict[str, Any], load_name: str, da
         'for p, i in zip(top.values.tolist(), top.indices.tolist()):',
         "    print(f'{labels[i]}: {p:.3f}')",
         '```', '',
+    ] + _card_features(model, load_name) + [
         'Evaluate it again (timm-gsl\'s `validate.py`, same data conditions):', '',
         '```bash', ' '.join(shlex.quote(w) for w in validate), '```', '',
         f'Fine-tune it on your own images (a folder `DIR` with `train` and `validation` splits, `K` classes; '
