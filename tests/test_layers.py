@@ -2,7 +2,7 @@
 
 The picture (``timm_gsl/cli/__init__.py`` and the README's "Package layout"):
 
-    math (functional, calibration) -> timm integration (head, loss, loss_factory, task, registry, distillation, naflex)
+    math and the run record (functional, calibration, record) -> timm integration (head, loss, loss_factory, task, registry, distillation, naflex)
     -> engine (engine/*) -> data, hub -> command lines (cli/*, and the aliases train, validate, __main__)
 """
 import json
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Layer of each top-level part of the package; a module may import its own layer and the ones below.
 LAYERS = {
-    'functional': 0, 'calibration': 0,
+    'functional': 0, 'calibration': 0, 'record': 0,
     'head': 1, 'loss': 1, 'loss_factory': 1, 'task': 1, 'registry': 1, 'distillation': 1, 'naflex': 1,
     'timm_gsl': 1,  # the package's __init__: the public API of the two layers below it
     'engine': 2,

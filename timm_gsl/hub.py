@@ -51,6 +51,7 @@ from timm.models import clean_state_dict, save_for_hf
 from . import data as gsl_data
 from .calibration import CalibrationFit
 from .head import UnsupportedModelError, classifier_layers, is_converted, unconvert_model
+from .record import RunRecord, from_training_arguments
 from .engine.atomic import atomic_path
 from .engine.checkpoint_io import read_checkpoint
 
@@ -110,11 +111,12 @@ class TrainingCheckpoint:
         metric: the value of the training's ``--eval-metric`` at that epoch, or None.
         used_ema: whether ``state_dict`` holds the EMA weights.
         calibration: the temperature fitted after training (its ``calibration`` entry), or None.
+        record: the run's :class:`~timm_gsl.record.RunRecord` (read from ``args`` for checkpoints without one).
     """
 
     def __init__(self, path: str, state_dict: Dict[str, torch.Tensor], args: Dict[str, Any],
                  epoch: Optional[int], metric: Optional[float], used_ema: bool,
-                 calibration: Optional[CalibrationFit] = None):
+                 calibration: Optional[CalibrationFit] = None, record: Optional[RunRecord] = None):
         self.path = path
         self.state_dict = state_dict
         self.args = args
@@ -122,6 +124,7 @@ class TrainingCheckpoint:
         self.metric = metric
         self.used_ema = used_ema
         self.calibration = calibration
+        self.record = record if record is not None else from_training_arguments(args, version=0)
 
     @property
     def model_name(self) -> str:
@@ -191,9 +194,14 @@ def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckp
         calibration = CalibrationFit.from_dict(raw.get('calibration'))
     except ValueError as e:
         raise ValueError(f"checkpoint {path!r}: its 'calibration' entry is malformed: {e}") from e
+    try:
+        record = RunRecord.from_checkpoint(raw)
+    except ValueError as e:
+        raise ValueError(f'checkpoint {path!r}: {e}') from e
     metric = raw.get('metric')
     return TrainingCheckpoint(path, state_dict, dict(args), raw.get('epoch'),
-                              float(metric) if isinstance(metric, (int, float)) else None, used_ema, calibration)
+                              float(metric) if isinstance(metric, (int, float)) else None, used_ema, calibration,
+                              record)
 
 
 def _in_chans(args: Dict[str, Any]) -> int:
@@ -463,13 +471,13 @@ def model_card(
     final, rows = _evaluation(checkpoint)
     data_name, hub_dataset = _data_description(args)
     conditions = _conditions(args, config['num_classes'])
-    split, split_source, hub_split = _evaluation_split(args)
+    split, split_source, hub_split = _evaluation_split(checkpoint.record)
     base = base_model(args)
     metadata = _card_metadata(config, final, data_name, hub_dataset, conditions, hub_split, license, base, title)
     lines = ['---', metadata, '---', '', f'# Model card for {title}', '']
     lines += _card_details(checkpoint, model, config, load_name, base)
     lines += _card_training(args, data_name, conditions, split, split_source)
-    lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'), _loss_labels(args))
+    lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'), _loss_labels(checkpoint.record))
     lines += _card_usage(args, config, load_name, data_name, model)
     if training_command is not None:
         lines += ['## Training command', '', '```bash', training_command(args), '```', '']
@@ -477,11 +485,10 @@ def model_card(
     return '\n'.join(lines)
 
 
-def _evaluation_split(args: Dict[str, Any]) -> Tuple[str, str, str]:
+def _evaluation_split(record: RunRecord) -> Tuple[str, str, str]:
     """The evaluation split: its name in the run, where its images come from (words), and its name in the Hub
     dataset of the card's metadata (the embedded validation images are a part of Fashion-MNIST's test set)."""
-    split = args.get('val_split') or 'validation'
-    dataset = args.get('dataset') or ''
+    split, dataset = record.data.eval_split, record.data.dataset
     if gsl_data.is_embedded(dataset):
         info = gsl_data.embedded_dataset_info()
         return split, (f"{info['val_per_class']} images per class of Fashion-MNIST's test set, never trained "
@@ -491,20 +498,18 @@ def _evaluation_split(args: Dict[str, Any]) -> Tuple[str, str, str]:
     return split, f'the `{split}` folder beside the training images', split
 
 
-def _loss_labels(args: Dict[str, Any]) -> Dict[str, str]:
+def _loss_labels(record: RunRecord) -> Dict[str, str]:
     """What each loss column of ``summary.csv`` measures, in words, for this run's settings."""
-    loss = args.get('loss', 'gsl')
-    targets = []
-    if args.get('mixup') or args.get('cutmix') or args.get('cutmix_minmax'):
-        targets.append('mixed targets')
-    if args.get('smoothing'):
-        targets.append(f'label smoothing {args["smoothing"]}')
+    loss = record.loss
+    targets = ['mixed targets'] if loss.mixes_targets else []
+    if loss.smoothing:
+        targets.append(f'label smoothing {loss.smoothing}')
     on = 'augmented training batches' + (f', {", ".join(targets)}' if targets else '')
-    if loss == 'gsl':
-        trained = f'group softmax loss (the sum over groups, Type-{args.get("gsl_type")}), {on}'
+    if loss.kind == 'gsl':
+        trained = f'group softmax loss (the sum over groups, Type-{loss.group_type}), {on}'
     else:
-        trained = f'training loss (`{loss}`), {on}'
-    if args.get('kd_model_name'):
+        trained = f'training loss (`{loss.kind}`), {on}'
+    if record.distillation is not None:
         trained += ', with the distillation term'
     return {'train_loss': trained,
             'train_softmax_loss': 'softmax cross-entropy of the same batches',

@@ -46,6 +46,7 @@ from ..engine import check_checkpoint_fits, format_summary, plot_learning_curves
 from ..engine import train_one_epoch, write_text_atomic
 from ..hub import HubPublishError, push_checkpoint
 from ..loss_factory import GSL_AUTO_THRESHOLD, resolve_gsl_type
+from ..record import RECORD_KEY, from_training_arguments
 from ..naflex import check_naflex_model, set_naflex_epoch
 from .common import exit_with_error, resolve_device, setup_logging
 from .flags import input_channels
@@ -242,6 +243,7 @@ def _open_outputs(run: Run) -> _Outputs:
         model=task.get_trainable_module(), optimizer=run.optimizer, args=run.config,
         amp_scaler=run.precision.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
         decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
+    outputs.saver.extra_state = {RECORD_KEY: from_training_arguments(vars(run.config)).to_dict()}
     if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
         outputs.saver.load_state_dict_from_checkpoint(args.resume)
     write_text_atomic(os.path.join(output_dir, 'args.yaml'), format_args(run.config))

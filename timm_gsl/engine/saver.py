@@ -6,6 +6,7 @@ import os
 import shutil
 from typing import Any, Dict, Optional
 
+import torch
 from timm import utils
 
 from .atomic import atomic_path
@@ -24,19 +25,46 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
     replaced in one rename, so a process killed at any moment leaves only complete checkpoints.
     A recovery checkpoint also records, in its ``saver`` entry, how many updates of its epoch it holds
     (``updates_done``), so a resumed run finishes that epoch rather than skipping its remainder.
+
+    ``extra_state`` (set after construction) holds entries saved beside timm's in every checkpoint: the run's
+    :class:`timm_gsl.record.RunRecord` under ``run_record``.
     """
+
+    extra_state: Dict[str, Any] = {}
 
     def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
         # timm writes its staging files ('tmp.pth.tar', 'recovery_tmp.pth.tar') in place; a kill
         # during that write would leave a file that looks like a checkpoint but does not load.
         with atomic_path(save_path) as tmp:
             try:
-                super()._save(tmp, epoch, metric)
+                torch.save(self._checkpoint_state(epoch, metric), tmp)
             except RuntimeError as e:
                 # torch.save reports a full disk as "basic_ios::clear: iostream error": say what it is.
                 if shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free >= _NEARLY_FULL:
                     raise
                 raise OSError(errno.ENOSPC, f'No space left on device ({e})', save_path) from e
+
+    def _checkpoint_state(self, epoch: int, metric: Optional[float]) -> Dict[str, Any]:
+        """What timm's ``CheckpointSaver`` saves (timm 1.0.x: epoch, arch, optimizer, version 2, args, the AMP
+        scaler, the task's or model's weights and EMA weights, metric, saver), plus :attr:`extra_state`."""
+        state: Dict[str, Any] = dict(epoch=epoch, arch=type(self.model).__name__.lower(),
+                                     optimizer=self.optimizer.state_dict(), version=2)
+        if self.args is not None:
+            state.update(arch=self.args.model, args=self.args)
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if self.task is not None:
+            state.update(self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn))
+            state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn))
+        else:
+            state['state_dict'] = utils.get_state_dict(self.model, self.unwrap_fn)
+            if self.model_ema is not None:
+                state['state_dict_ema'] = utils.get_state_dict(self.model_ema, self.unwrap_fn)
+        if metric is not None:
+            state['metric'] = metric
+        state['saver'] = self.state_dict(epoch, metric)
+        state.update(self.extra_state)
+        return state
 
     def _replace(self, src: str, dst: str) -> None:
         os.replace(src, dst)
