@@ -251,6 +251,24 @@ def test_training_command_keeps_workers_and_publishes_no_local_path():
     assert training_command(dict(defaults, data_dir='relative/dir')) == 'python train.py --data-dir relative/dir'
 
 
+def test_card_of_an_image_folder_run_shows_no_path_of_the_training_machine(published, tmp_path):
+    from timm_gsl.cli.train_args import training_command
+    raw = torch.load(published, map_location='cpu', weights_only=False)
+    raw['args'].dataset, raw['args'].data_dir = '', '/home/someone/datasets/flowers'
+    from timm_gsl.record import RECORD_KEY, from_training_arguments
+    assert RECORD_KEY in raw  # train.py saved its record: rewrite it as a folder run would have
+    raw[RECORD_KEY] = from_training_arguments(vars(raw['args'])).to_dict()
+    path = tmp_path / 'folder-run.pth.tar'
+    torch.save(raw, path)
+    hub.export_checkpoint(str(path), str(tmp_path / 'out'), training_command=training_command)
+    _, body = _card((tmp_path / 'out' / 'README.md').read_text())
+    assert '/home/someone' not in body
+    assert "- **Dataset:** image folder 'flowers'" in body
+    assert 'python validate.py --model local-dir:' in body and '--data-dir path/to/flowers --class-subset 3' in body
+    assert '--data-dir path/to/flowers' in body.split('## Training command')[1]
+    assert "the `validation` folder beside the training images" in body
+
+
 @pytest.mark.slow
 def test_the_cards_training_command_reproduces_the_run(server, published, run_dir, tmp_path):
     _, body = _card(server.files(REPO)['README.md'].decode())

@@ -352,9 +352,9 @@ def _evaluation(checkpoint: TrainingCheckpoint) -> Tuple[Dict[str, float], List[
     return final, rows
 
 
-def _data_description(args: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+def _data_description(record: RunRecord) -> Tuple[str, Optional[str]]:
     """A readable dataset name and the Hub dataset id, when known."""
-    dataset = args.get('dataset') or ''
+    dataset = record.data.dataset
     if gsl_data.is_embedded(dataset):
         return 'Fashion-MNIST (the subset embedded in timm-gsl)', _EMBEDDED_HUB_DATASET
     if dataset.startswith(('hfds/', 'hfids/')):
@@ -362,8 +362,7 @@ def _data_description(args: Dict[str, Any]) -> Tuple[str, Optional[str]]:
         return name, name
     if dataset:
         return dataset, None
-    folder = args.get('data_dir') or args.get('data') or ''
-    return f'image folder {os.path.basename(os.path.normpath(folder))!r}' if folder else 'unknown', None
+    return f'image folder {record.data.folder!r}' if record.data.folder else 'unknown', None
 
 
 def _fmt(value: float) -> str:
@@ -467,18 +466,18 @@ def model_card(
         title = os.path.basename(os.path.normpath(local_dir))
     else:
         raise ValueError('model_card: give the Hub repo_id or the local_dir the files are in.')
-    args = checkpoint.args
+    args, record = checkpoint.args, checkpoint.record
     final, rows = _evaluation(checkpoint)
-    data_name, hub_dataset = _data_description(args)
-    conditions = _conditions(args, config['num_classes'])
-    split, split_source, hub_split = _evaluation_split(checkpoint.record)
+    data_name, hub_dataset = _data_description(record)
+    conditions = _conditions(record, config['num_classes'])
+    split, split_source, hub_split = _evaluation_split(record)
     base = base_model(args)
     metadata = _card_metadata(config, final, data_name, hub_dataset, conditions, hub_split, license, base, title)
     lines = ['---', metadata, '---', '', f'# Model card for {title}', '']
     lines += _card_details(checkpoint, model, config, load_name, base)
-    lines += _card_training(args, data_name, conditions, split, split_source)
-    lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'), _loss_labels(checkpoint.record))
-    lines += _card_usage(args, config, load_name, data_name, model)
+    lines += _card_training(record, data_name, conditions, split, split_source)
+    lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'), _loss_labels(record))
+    lines += _card_usage(record, config, load_name, data_name, model)
     if training_command is not None:
         lines += ['## Training command', '', '```bash', training_command(args), '```', '']
     lines += ['## Citation', '', '```bibtex', CITATION, '```', '']
@@ -517,13 +516,13 @@ def _loss_labels(record: RunRecord) -> Dict[str, str]:
             'eval_loss': 'softmax cross-entropy of the evaluation images'}
 
 
-def _conditions(args: Dict[str, Any], num_classes: int) -> str:
+def _conditions(record: RunRecord, num_classes: int) -> str:
     """The data conditions in words: classes (and the subset drawn), training images per class."""
-    subset = args.get('class_subset')
+    subset = record.data.class_subset
     conditions = f'{num_classes} classes'
-    if subset not in (None, ''):
-        conditions += f' (class subset {subset!r} drawn with seed {args.get("seed")})'
-    per_class = args.get('samples_per_class')
+    if subset is not None:
+        conditions += f' (class subset {subset!r} drawn with seed {record.data.seed})'
+    per_class = record.data.samples_per_class
     return conditions + (f', {per_class} training images per class' if per_class else ', every training image')
 
 
@@ -588,7 +587,7 @@ def _card_details(checkpoint: TrainingCheckpoint, model: nn.Module, config: Dict
         f'- **Input:** {"x".join(map(str, input_size))}, mean {pre.get("mean")}, std {pre.get("std")}, '
         f'crop {pre.get("crop_pct")} ({pre.get("interpolation")})',
         f'- **Weights:** {"EMA weights" if checkpoint.used_ema else "model weights"} after epoch '
-        f'{checkpoint.epoch} (the best by {checkpoint.args.get("eval_metric", "top1")})',
+        f'{checkpoint.epoch} (the best by {checkpoint.record.training.eval_metric})',
     ]
     if base:
         lines.append(f'- **Started from:** [{base}]({hub_url(base)})')
@@ -618,22 +617,22 @@ def _calibration_rows(calibration: Dict[str, Any]) -> List[str]:
             f'| ECE (%), {after} | {_fmt(calibration["ece_after"])} |']
 
 
-def _card_training(args: Dict[str, Any], data_name: str, conditions: str, split: str,
+def _card_training(record: RunRecord, data_name: str, conditions: str, split: str,
                    split_source: str) -> List[str]:
     """How it was trained: the loss (and the teacher it was distilled from) and the data."""
-    loss = args.get('loss', 'gsl')
+    loss = record.loss
     lines = ['## Training loss', '']
-    if loss == 'gsl':
+    if loss.kind == 'gsl':
         lines += [
-            f'- **Loss:** group softmax loss, Type-{args.get("gsl_type")}',
-            f'- **Groups G:** {args.get("gsl_groups")}',
-            f'- **Grouping:** {args.get("gsl_grouping")}',
-            f'- **Label smoothing:** {args.get("smoothing")}',
+            f'- **Loss:** group softmax loss, Type-{loss.group_type}',
+            f'- **Groups G:** {loss.groups}',
+            f'- **Grouping:** {loss.grouping}',
+            f'- **Label smoothing:** {loss.smoothing}',
         ]
     else:
-        lines += [f'- **Loss:** `{loss}` (a baseline run, not the group softmax loss)']
-    if args.get('kd_model_name'):
-        lines.append(f'- **Distilled from:** `{args["kd_model_name"]}` ({args.get("kd_distill_type", "logit")} '
+        lines += [f'- **Loss:** `{loss.kind}` (a baseline run, not the group softmax loss)']
+    if record.distillation is not None:
+        lines.append(f'- **Distilled from:** `{record.distillation.teacher}` ({record.distillation.kind} '
                      f'distillation, the loss above as the task loss)')
     return lines + [
         '', '## Training data', '',
@@ -706,25 +705,27 @@ def _card_features(model: nn.Module, load_name: str) -> List[str]:
     return lines
 
 
-def _card_usage(args: Dict[str, Any], config: Dict[str, Any], load_name: str, data_name: str,
+def _card_usage(record: RunRecord, config: Dict[str, Any], load_name: str, data_name: str,
                 model: Optional[nn.Module] = None) -> List[str]:
     """How to use it: the Python snippet, the validate.py command, a fine-tuning command."""
-    loss, subset = args.get('loss', 'gsl'), args.get('class_subset')
+    loss, subset, dataset = record.loss, record.data.class_subset, record.data.dataset
     input_size = [int(s) for s in config['pretrained_cfg']['input_size']]
     num_classes = config['num_classes']
     validate = ['python', 'validate.py', '--model', load_name]
-    if not gsl_data.is_embedded(args.get('dataset') or ''):
-        validate += ['--dataset', args.get('dataset') or '', '--data-dir', str(args.get('data_dir') or 'DIR')]
-    if subset not in (None, ''):
-        validate += ['--class-subset', str(subset), '--seed', str(args.get('seed'))]
+    if not gsl_data.is_embedded(dataset):
+        # Never a path of the training machine: the folder's name, as a place to fill in.
+        folder = f'path/to/{record.data.folder}' if record.data.folder else 'DIR'
+        validate += (['--dataset', dataset] if dataset else []) + ['--data-dir', folder]
+    if subset is not None:
+        validate += ['--class-subset', str(subset), '--seed', str(record.data.seed)]
     # Fine-tuning elsewhere: only what this run fixes (input size, loss settings); the rest is the user's.
     finetune = ['python', 'train.py', '--model', load_name, '--pretrained', '--data-dir', 'DIR',
                 '--num-classes', 'K', '--input-size'] + [str(s) for s in input_size]
-    if loss == 'gsl':
-        finetune += ['--loss', 'gsl', '--gsl-groups', str(args.get('gsl_groups') or 4),
-                     '--gsl-grouping', str(args.get('gsl_grouping') or 'discriminative')]
+    if loss.kind == 'gsl':
+        finetune += ['--loss', 'gsl', '--gsl-groups', str(loss.groups or 4),
+                     '--gsl-grouping', str(loss.grouping or 'discriminative')]
     else:
-        finetune += ['--loss', str(loss)]
+        finetune += ['--loss', loss.kind]
     image_mode = _IMAGE_MODES.get(input_size[0], 'RGB')
     return [
         '## Usage', '',
