@@ -261,7 +261,10 @@ def test_card_of_an_image_folder_run_shows_no_path_of_the_training_machine(publi
     path = tmp_path / 'folder-run.pth.tar'
     torch.save(raw, path)
     hub.export_checkpoint(str(path), str(tmp_path / 'out'), training_command=training_command)
-    _, body = _card((tmp_path / 'out' / 'README.md').read_text())
+    meta, body = _card((tmp_path / 'out' / 'README.md').read_text())
+    # No Hub dataset: no dataset id and no model-index (whose dataset must be one); the metrics stay in the body.
+    assert 'datasets' not in meta and 'model-index' not in meta
+    assert '| top-1 accuracy (%) |' in body
     assert '/home/someone' not in body
     assert "- **Dataset:** image folder 'flowers'" in body
     assert 'python validate.py --model local-dir:' in body and '--data-dir path/to/flowers --class-subset 3' in body

@@ -528,15 +528,19 @@ def _conditions(record: RunRecord, num_classes: int) -> str:
 
 def _card_metadata(config: Dict[str, Any], final: Dict[str, float], data_name: str, hub_dataset: Optional[str],
                    conditions: str, split: str, license: str, base: Optional[str], title: str) -> str:
-    """The card's YAML header: library, license, tags, dataset, base model and the model-index results."""
+    """The card's YAML header: library, license, tags, dataset, base model and the model-index results.
+
+    The model-index names its dataset by Hub id: it is written only for a dataset that has one (an image folder
+    or a dataset of another source has none; its metrics are in the card's evaluation table).
+    """
     from huggingface_hub import EvalResult, ModelCardData
 
     eval_results = []
     for key, name in (('top1', 'Top-1 accuracy'), ('top5', 'Top-5 accuracy')):
-        if key in final:
+        if key in final and hub_dataset:
             eval_results.append(EvalResult(
                 task_type='image-classification', task_name='Image Classification',
-                dataset_type=hub_dataset or data_name, dataset_name=f'{data_name}: {conditions}',
+                dataset_type=hub_dataset, dataset_name=f'{data_name}: {conditions}',
                 dataset_split=split, metric_type='accuracy' if key == 'top1' else 'top_5_accuracy',
                 metric_name=name, metric_value=round(final[key], 4)))
     tags = ['image-classification', 'timm', 'group-softmax-loss', 'timm-gsl']
