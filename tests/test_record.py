@@ -25,8 +25,8 @@ def test_a_checkpoint_from_before_the_record_is_read_from_its_training_arguments
     assert record.model == ModelRecord(architecture='test_vit', num_classes=3, in_chans=3, input_size=(3, 32, 32),
                                        pretrained=False, initial_checkpoint=None, kwargs={})
     data = record.data
-    assert (data.dataset, data.folder, data.train_split, data.eval_split) == (
-        'embedded/fashion-mnist', None, 'train', 'validation')
+    assert (data.dataset, data.root, data.folder, data.train_split, data.eval_split) == (
+        'embedded/fashion-mnist', None, None, 'train', 'validation')
     assert (data.class_subset, data.samples_per_class, data.seed) == ('3', 8, 42)
     assert data.class_names == ['T-shirt/top', 'Sandal', 'Shirt']
     assert (data.mean, data.std, data.crop_pct, data.interpolation) == ([0.286] * 3, [0.353] * 3, 1.0, 'bilinear')
@@ -44,7 +44,8 @@ def test_the_record_round_trips_through_plain_data():
                 kd_model_name='convnext_tiny', kd_distill_type='feature', epochs=3, opt='adamw', workers=2)
     record = from_training_arguments(args)
     assert record.version == RECORD_VERSION
-    assert record.data.folder == 'flowers'  # never a path of the training machine
+    assert record.data.folder == 'flowers'  # what a card may name
+    assert record.data.root == '/home/someone/flowers/'  # for validation on the same machine, never published
     assert record.model.input_size == (3, 64, 64)
     assert (record.loss.kind, record.loss.groups, record.loss.mixes_targets) == ('ce', None, True)
     assert record.distillation == DistillationRecord('convnext_tiny', 'feature')

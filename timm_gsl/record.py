@@ -51,7 +51,9 @@ class DataRecord:
 
     Attributes:
         dataset: timm's dataset name (``''`` for an image folder).
-        folder: the last folder of the data root (never a whole path of the training machine), or None.
+        root: the data root as given to training, for the tools that read the data again on the same machine
+            (validation); never published (what is published names ``folder`` only).
+        folder: the last folder of the data root, or None.
         train_split, eval_split: the split names.
         class_names: the classes in label order, when the dataset names them.
         class_subset: the class-subset setting, when classes were drawn (a number or a list of classes).
@@ -61,6 +63,7 @@ class DataRecord:
         crop_pct, interpolation: the evaluation transform's crop and resize.
     """
     dataset: str = ''
+    root: Optional[str] = None
     folder: Optional[str] = None
     train_split: str = 'train'
     eval_split: str = 'validation'
@@ -229,7 +232,8 @@ def from_training_arguments(args: Mapping[str, Any], version: int = RECORD_VERSI
             pretrained=bool(args.get('pretrained')), initial_checkpoint=args.get('initial_checkpoint') or None,
             kwargs=dict(_get(args, 'model_kwargs', {}))),
         data=DataRecord(
-            dataset=_get(args, 'dataset', ''), folder=_folder(args.get('data_dir') or args.get('data')),
+            dataset=_get(args, 'dataset', ''), root=args.get('data_dir') or args.get('data') or None,
+            folder=_folder(args.get('data_dir') or args.get('data')),
             train_split=_get(args, 'train_split', 'train'), eval_split=_get(args, 'val_split', 'validation'),
             class_names=None if args.get('class_names') is None else [str(n) for n in args['class_names']],
             class_subset=args.get('class_subset') if args.get('class_subset') not in ('', None) else None,
