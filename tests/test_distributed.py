@@ -253,3 +253,34 @@ def test_sync_bn_trains_on_two_gpus(tmp_path):
     assert rc == 0, log[-3000:]
     assert 'SyncBatchNorm' in log
     assert _epochs(tmp_path / 'run') == [0]
+
+
+def _loop_reads(log):
+    """Per rank: the loop's host reads from ``benchmarks.host_syncs``'s report, without the loss's target value
+    checks (they run for CPU tensors only; on a GPU they are skipped) and the optimiser steps."""
+    counts = {}
+    for rank, body in re.findall(r'\[rank (\d)\] (host reads: .*?)(?=\n\[rank \d\] host reads|\Z)', log, re.S):
+        steps = int(re.search(r'optimiser steps (\d+)', body).group(1))
+        sites = re.findall(r'\[rank \d\]\s+(\d+)\s+\S+\s+(\S+)', body)
+        counts[rank] = (sum(int(n) for n, where in sites if not where.startswith('functional.py')), steps)
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('loss', ['ce', 'gsl'])
+def test_under_torchrun_a_steps_reads_do_not_grow_with_the_steps(tmp_path, loss):
+    runs = {}
+    for batches in (2, 5):
+        cmd = _torchrun('--standalone', '--nproc-per-node', '2', '-m', 'benchmarks.host_syncs', '--module',
+                        'timm_gsl.train', '--', *RECIPE, '-b', '4', '--epochs', '1', '--loss', loss,
+                        '--train-batches-per-epoch', str(batches), '--log-interval', '50', '--output',
+                        str(tmp_path), '--experiment', f'{loss}-{batches}', '--no-calibrate')
+        (rc, log), = _run_together([cmd])
+        assert rc == 0, log[-3000:]
+        runs[batches] = _loop_reads(log)
+    for batches, counts in runs.items():
+        assert sorted(counts) == ['0', '1'] and all(steps == batches for _, steps in counts.values()), counts
+    # The same for 2 and 5 steps: the first and the last log line; for gsl also the grouping statistics at the
+    # epoch's end and the head's one-time check of its classifier on the first batch (2 reads).
+    expected = 2 + 3 * (loss == 'gsl')
+    assert {reads for reads, _ in runs[2].values()} == {reads for reads, _ in runs[5].values()} == {expected}, runs
