@@ -21,6 +21,9 @@ as JSON:
    ``--loss ce`` and ``--loss gsl``, in interleaved rounds; ratios to timm's loop in the same round with a
    bootstrap interval (:func:`benchmarks.loops.ratio_summary`).
 
+The training configurations run last, the eager ones first; those not started within ``--budget-s`` seconds
+(default 480) of the start are reported as skipped, so that the whole check ends within about 10 minutes.
+
 ``--device cpu --quick`` runs the same code at toy sizes (a tiny model, batch 4, a few steps, the
 ``aot_eager`` compile backend) in well under a minute, so the script is known to work before a GPU appears;
 ``tests/test_gpu_check.py`` runs it.
@@ -156,13 +159,18 @@ def train_steps(loss: str, amp_dtype: str, channels_last: bool, compiled: bool, 
     return dict(step_s=step_s, images_per_s=sizes.batch / step_s, peak_mib=_peak_mib(device), finite=finite)
 
 
-def training_table(sizes: Sizes, device: torch.device, compile_modes: Sequence[bool]) -> List[Dict[str, Any]]:
-    """Every (autocast dtype, channels_last, compile) configuration with both losses, CE first."""
+def training_table(sizes: Sizes, device: torch.device, compile_modes: Sequence[bool],
+                   deadline: Optional[float] = None) -> List[Dict[str, Any]]:
+    """Every (autocast dtype, channels_last, compile) configuration with both losses, CE first; the eager ones
+    first. A configuration not started by ``deadline`` (``time.time()``) is reported as skipped."""
     rows = []
     dtypes = ('float16', 'bfloat16')
-    for amp_dtype, channels_last, compiled in itertools.product(dtypes, (False, True), compile_modes):
+    for compiled, amp_dtype, channels_last in itertools.product(compile_modes, dtypes, (False, True)):
         row: Dict[str, Any] = dict(amp_dtype=amp_dtype, channels_last=channels_last, compiled=compiled)
         for loss in ('ce', 'gsl'):
+            if deadline is not None and time.time() > deadline:
+                row[loss] = dict(skipped='time budget spent (--budget-s)')
+                continue
             try:
                 row[loss] = train_steps(loss, amp_dtype, channels_last, compiled, sizes, device)
             except Exception as e:  # a failing configuration is a result, not the end of the check
@@ -296,7 +304,8 @@ def format_tables(result: Dict[str, Any]) -> str:
               f'{"gsl/ce":>7s} {"ce MiB":>8s} {"gsl MiB":>8s} finite']
     for row in result['training']:
         ce, gsl = row['ce'], row['gsl']
-        finite = 'yes' if ce.get('finite') and gsl.get('finite') else 'NO'
+        finite = ('skipped' if 'skipped' in ce or 'skipped' in gsl else
+                  'yes' if ce.get('finite') and gsl.get('finite') else 'NO')
         lines.append(f'  {row["amp_dtype"]:9s} {str(row["channels_last"]):7s} {str(row["compiled"]):7s} '
                      f'{_fmt(ce.get("images_per_s"), "9.1f")} {_fmt(gsl.get("images_per_s"), "9.1f")} '
                      f'{_fmt(row.get("gsl_over_ce"), "7.3f")} {_fmt(ce.get("peak_mib"), "8.0f")} '
@@ -304,6 +313,8 @@ def format_tables(result: Dict[str, Any]) -> str:
         for loss in ('ce', 'gsl'):
             if 'error' in row[loss]:
                 lines.append(f'    {loss} error: {row[loss]["error"]}')
+            elif 'skipped' in row[loss]:
+                lines.append(f'    {loss} skipped: {row[loss]["skipped"]}')
     lines += ['', '3. The loss alone (forward + backward, ms)',
               f'  {"B":>5s} {"D":>6s} {"C":>7s} {"plain":>8s} {"gsl":>8s} {"gsl/plain":>9s}']
     for row in result['loss']:
@@ -327,12 +338,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--quick', action='store_true', help='toy sizes: a smoke run of the same code paths')
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile configurations')
     parser.add_argument('--output', default=None, metavar='FILE', help='write the results as JSON here')
+    parser.add_argument('--budget-s', type=float, default=480, metavar='S',
+                        help='seconds after which training configurations not yet started are skipped (reported as '
+                             'such), so that the check ends in time; the eager ones run first (default: 480)')
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.budget_s < 0:
+        parser.error(f'argument --budget-s: {args.budget_s:g} is invalid, expected seconds >= 0')
     if args.device not in ('cuda', 'cpu') and not args.device.startswith('cuda:'):
         parser.error(f"argument --device: {args.device!r} is invalid, expected 'cuda', 'cuda:N' or 'cpu'")
     device = torch.device(args.device)
@@ -346,9 +362,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         versions=dict(torch=torch.__version__, python=platform.python_version(),
                       cuda=torch.version.cuda, timm=__import__('timm').__version__))
     result['cuda_paths'] = cuda_paths(device, args.quick)
-    result['training'] = training_table(sizes, device, (False,) if args.no_compile else (False, True))
     result['loss'] = loss_table(sizes, device)
     result['loop'] = loop_table(sizes, device)
+    result['training'] = training_table(sizes, device, (False,) if args.no_compile else (False, True),
+                                        deadline=started + args.budget_s)
     result['seconds'] = time.time() - started
     print(format_tables(result))
     if args.output:
@@ -356,7 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.output, 'w') as f:
             json.dump(result, f, indent=1)
         print(f'Wrote {args.output}')
-    failed = [row for row in result['training'] if 'error' in row['ce'] or 'error' in row['gsl']
+    ran = [row for row in result['training'] if 'skipped' not in row['ce'] and 'skipped' not in row['gsl']]
+    failed = [row for row in ran if 'error' in row['ce'] or 'error' in row['gsl']
               or not (row['ce'].get('finite') and row['gsl'].get('finite'))]
     return 1 if failed else 0
 

@@ -43,3 +43,20 @@ def test_cuda_without_a_gpu_is_refused_in_one_line(capsys):
         _load().main([])
     assert exc.value.code == 2
     assert 'CUDA is not available here; pass --device cpu --quick' in capsys.readouterr().err
+
+
+def test_a_spent_budget_skips_the_training_configurations_and_still_reports_the_rest(tmp_path, capsys):
+    gpu_check = _load()
+    out = tmp_path / 'gpu_check.json'
+    assert gpu_check.main(['--device', 'cpu', '--quick', '--no-compile', '--budget-s', '0', '--output', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all('skipped' in row['ce'] and 'skipped' in row['gsl'] for row in result['training'])
+    assert len(result['training']) == 4 and result['loss'] and result['loop']['loops']['ours-gsl']['ratio'] > 0
+    assert 'ce skipped: time budget spent (--budget-s)' in capsys.readouterr().out
+
+
+def test_a_negative_budget_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load().main(['--device', 'cpu', '--budget-s', '-1'])
+    assert exc.value.code == 2
+    assert 'argument --budget-s: -1 is invalid, expected seconds >= 0' in capsys.readouterr().err
