@@ -624,6 +624,7 @@ def test_malformed_repo_id_is_refused(repo_id, monkeypatch, published):
 def test_checkpoints_that_are_not_timm_checkpoints_are_refused(tmp_path, monkeypatch, published):
     _no_network(monkeypatch)
     raw = torch.load(published, map_location='cpu', weights_only=False)
+    record = raw.pop('run_record')  # the cases below edit the arguments: read as a checkpoint without a record
     cases = {
         'bare_state_dict.pth': (raw['state_dict'], 'records no training arguments'),
         'other.pth': ({'weights': [1, 2]}, 'without a state dict'),
@@ -632,6 +633,10 @@ def test_checkpoints_that_are_not_timm_checkpoints_are_refused(tmp_path, monkeyp
         'unknown_arch.pth': (dict(raw, args=dict(vars(raw['args']), model='no_such_net_xyz')),
                              "unknown architecture 'no_such_net_xyz'"),
         'wrong_classes.pth': (dict(raw, args=dict(vars(raw['args']), num_classes=7)), 'do not fit'),
+        # With a run record, the record is what the model is built from.
+        'record_wrong_classes.pth': (dict(raw, run_record=dict(record, model=dict(record['model'], num_classes=7))),
+                                     'do not fit'),
+        'record_newer.pth': (dict(raw, run_record=dict(record, version=99)), 'run record version 99'),
     }
     for name, (content, message) in cases.items():
         path = str(tmp_path / name)

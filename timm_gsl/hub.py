@@ -128,8 +128,8 @@ class TrainingCheckpoint:
 
     @property
     def model_name(self) -> str:
-        """The name the model was created with (``args.model``)."""
-        return self.args['model']
+        """The name the model was created with."""
+        return self.record.model.architecture
 
 
 def check_repo_id(repo_id: Any) -> str:
@@ -204,28 +204,21 @@ def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckp
                               record)
 
 
-def _in_chans(args: Dict[str, Any]) -> int:
-    if args.get('in_chans') is not None:
-        return int(args['in_chans'])
-    return int(args['input_size'][0]) if args.get('input_size') else 3
-
-
 def build_model(checkpoint: TrainingCheckpoint) -> nn.Module:
     """The trained model, as an ordinary timm model in eval mode, weights loaded strictly.
 
     Raises:
         ValueError: timm does not know the architecture, or the weights do not fit it.
     """
-    args = checkpoint.args
-    name = checkpoint.model_name
+    spec = checkpoint.record.model
+    name = spec.architecture
     prefix = name.split(':')[0] if ':' in name else ''
     if not prefix and not timm.is_model(name):
         raise ValueError(f'checkpoint {checkpoint.path!r}: unknown architecture {name!r}; timm has no model of '
                          f'that name (timm {timm.__version__}; see timm.list_models()).')
-    kwargs = dict(args.get('model_kwargs') or {})
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=args.get('num_classes'),
-                                  in_chans=_in_chans(args), global_pool=args.get('gp'), **kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans,
+                                  global_pool=spec.global_pool, **spec.kwargs)
     except (RuntimeError, ValueError, TypeError, OSError) as e:
         raise ValueError(f'checkpoint {checkpoint.path!r}: cannot create architecture {name!r} '
                          f'({type(e).__name__}: {e}).') from e
@@ -235,7 +228,7 @@ def build_model(checkpoint: TrainingCheckpoint) -> nn.Module:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as e:
         raise ValueError(f'checkpoint {checkpoint.path!r}: its weights do not fit {name!r} with '
-                         f'num_classes={args.get("num_classes")} ({e}).') from e
+                         f'num_classes={spec.num_classes} ({e}).') from e
     return model.eval()
 
 

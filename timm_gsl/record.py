@@ -34,6 +34,7 @@ class ModelRecord:
         input_size: ``(channels, height, width)`` of the training input, when recorded.
         pretrained: whether it started from timm's pretrained weights for ``architecture``.
         initial_checkpoint: the checkpoint it started from, when one was given.
+        global_pool: the pooling given to ``timm.create_model`` (None: the model's own).
         kwargs: extra keyword arguments of ``timm.create_model``.
     """
     architecture: str
@@ -42,6 +43,7 @@ class ModelRecord:
     input_size: Optional[Tuple[int, int, int]] = None
     pretrained: bool = False
     initial_checkpoint: Optional[str] = None
+    global_pool: Optional[str] = None
     kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -230,7 +232,7 @@ def from_training_arguments(args: Mapping[str, Any], version: int = RECORD_VERSI
             architecture=str(args['model']), num_classes=args.get('num_classes'), in_chans=in_chans,
             input_size=None if input_size is None else tuple(int(s) for s in input_size),
             pretrained=bool(args.get('pretrained')), initial_checkpoint=args.get('initial_checkpoint') or None,
-            kwargs=dict(_get(args, 'model_kwargs', {}))),
+            global_pool=args.get('gp') or None, kwargs=dict(_get(args, 'model_kwargs', {}))),
         data=DataRecord(
             dataset=_get(args, 'dataset', ''), root=args.get('data_dir') or args.get('data') or None,
             folder=_folder(args.get('data_dir') or args.get('data')),
