@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -57,7 +58,7 @@ def _timm_arm(reference: Any, model: torch.nn.Module, batches: List) -> Any:
     task = ClassificationTask(model, criterion=copy.deepcopy(reference.task.criterion), verbose=False)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=len(batches))
-    return lambda epoch: timm_style_epoch(task, optimizer, batches, epoch, scheduler)
+    return functools.partial(timm_style_epoch, task, optimizer, batches, lr_scheduler=scheduler)
 
 
 def measure(cli: argparse.Namespace) -> Dict[str, List[float]]:
@@ -75,7 +76,7 @@ def measure(cli: argparse.Namespace) -> Dict[str, List[float]]:
 
     loops = {'timm': _timm_arm(reference, model, batches), 'timm-again': _timm_arm(reference, model, batches)}
     for name, run in runs.items():
-        loops[name] = (lambda r: lambda epoch: ours_epoch(r.task, r.optimizer, batches, epoch, r.lr_scheduler))(run)
+        loops[name] = functools.partial(ours_epoch, run.task, run.optimizer, batches, lr_scheduler=run.lr_scheduler)
     return interleaved_rounds({name: loops[name] for name in LOOPS}, cli.repeats)
 
 

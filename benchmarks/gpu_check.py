@@ -240,8 +240,7 @@ def loop_table(sizes: Sizes, device: torch.device) -> Dict[str, Any]:
         task = _make_task(loss, sizes, device, channels_last=False, compiled=False)
         optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.01, momentum=0.9)
         extra = dict(device=device) if epoch_fn is ours_epoch else {}
-        loops[name] = functools.partial(lambda f, t, o, x, epoch: f(t, o, batches, epoch, amp_autocast=autocast,
-                                                                    **x), epoch_fn, task, optimizer, extra)
+        loops[name] = functools.partial(epoch_fn, task, optimizer, batches, amp_autocast=autocast, **extra)
     times = interleaved_rounds(loops, sizes.loop_rounds, synchronize=lambda: _sync(device))
     summary = ratio_summary(times, 'timm')
     for row in summary.values():

@@ -3,7 +3,8 @@
 On an accelerator every such read (``.item()``, ``bool(t)``, ``float(t)``, ``.tolist()``, ``.cpu()``,
 ``.numpy()``, formatting a tensor) waits for the device to finish all the work queued so far. A
 :class:`torch.overrides.TorchFunctionMode` sees each one in the process it is installed in (data-loader
-workers are other processes and are not counted; neither is data loading in this process), and a global optimiser step hook counts the steps.
+workers are other processes and are not counted; neither is data loading in this process), and a global
+optimiser step hook counts the steps.
 
 ``python -m benchmarks.host_syncs [--module M | --script PATH] -- ARGS`` runs a training command in this
 process under the counter and prints the reads made inside any function named ``train_one_epoch`` (the

@@ -71,6 +71,8 @@ def test_the_saver_writes_what_timms_saver_writes_plus_the_extra_state(tmp_path)
     optimizer.step()
     args = argparse.Namespace(model='linear')
     ours = AtomicCheckpointSaver(model, optimizer, args=args, checkpoint_dir=str(tmp_path / 'ours'))
+    record_saver = AtomicCheckpointSaver(model, optimizer, args=args, checkpoint_dir=str(tmp_path / 'ours'),
+                                         extra_state={RECORD_KEY: {'version': 1}})
     theirs = utils.CheckpointSaver(model, optimizer, args=args, checkpoint_dir=str(tmp_path / 'theirs'))
     for saver in (ours, theirs):
         os.makedirs(saver.checkpoint_dir)
@@ -78,8 +80,7 @@ def test_the_saver_writes_what_timms_saver_writes_plus_the_extra_state(tmp_path)
     load = lambda d: torch.load(tmp_path / d / 'c.pth.tar', weights_only=False)  # noqa: E731
     mine, timms = load('ours'), load('theirs')
     assert list(mine) == list(timms) and repr(mine) == repr(timms)
-    ours.extra_state = {RECORD_KEY: {'version': 1}}
-    ours._save(str(tmp_path / 'ours' / 'd.pth.tar'), epoch=3, metric=0.5)
+    record_saver._save(str(tmp_path / 'ours' / 'd.pth.tar'), epoch=3, metric=0.5)
     assert torch.load(tmp_path / 'ours' / 'd.pth.tar', weights_only=False)[RECORD_KEY] == {'version': 1}
 
 

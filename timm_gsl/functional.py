@@ -204,19 +204,17 @@ def group_sizes(num_features: int, groups: int) -> torch.Tensor:
     return torch.tensor([base + 1] * extra + [base] * (groups - extra), dtype=torch.long)
 
 
-def _group_sizes_on(num_features: int, groups: int, device: torch.device) -> torch.Tensor:
-    # group_sizes made on the device itself: no host-to-device copy (which waits for the device on CUDA).
-    base, extra = divmod(num_features, groups)
-    return base + (torch.arange(groups, device=device) < extra).long()
+def _block_of(rank: torch.Tensor, base: Union[int, torch.Tensor], extra: Union[int, torch.Tensor]) -> torch.Tensor:
+    # The block of each rank when the ranks are cut into blocks of base + 1 (the first `extra` ones), then of
+    # base: group_sizes' cut. base and extra are ints or tensors that broadcast with rank. Arithmetic only: no
+    # data-dependent shape (torch.compile traces it in one graph) and no host-to-device copy.
+    long_span = extra * (base + 1)
+    short = base.clamp(min=1) if isinstance(base, torch.Tensor) else max(base, 1)
+    return torch.where(rank < long_span, rank // (base + 1), extra + (rank - long_span) // short)
 
 
 def _rank_to_group(num_features: int, groups: int, device: torch.device) -> torch.Tensor:
-    # The group of each rank 0..D-1 when cut into group_sizes(D, G) blocks, by arithmetic on the device
-    # (no data-dependent shapes, so torch.compile traces it in one graph).
-    base, extra = divmod(num_features, groups)
-    rank = torch.arange(num_features, device=device)
-    long_span = extra * (base + 1)
-    return torch.where(rank < long_span, rank // (base + 1), extra + (rank - long_span) // max(base, 1))
+    return _block_of(torch.arange(num_features, device=device), *divmod(num_features, groups))
 
 
 def sorted_assignment(scores: torch.Tensor, groups: int) -> torch.Tensor:
@@ -275,13 +273,11 @@ def zero_aware_assignment(
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(dim, device=device).expand(batch, dim))
     # Block of rank r when P features are cut into G blocks, the first P mod G one larger.
     base, extra = nonzero // groups, nonzero % groups
-    long_span = extra * (base + 1)
-    in_long = rank < long_span
-    nonzero_group = torch.where(in_long, rank // (base + 1),
-                                extra + (rank - long_span) // base.clamp(min=1))
+    nonzero_group = _block_of(rank, base, extra)
     # Zeros in feature-index order fill the room each group has left.
-    all_sizes = _group_sizes_on(dim, groups, device)                    # G
     ks = torch.arange(groups, device=device)
+    dim_base, dim_extra = divmod(dim, groups)
+    all_sizes = dim_base + (ks < dim_extra).long()                      # G: group_sizes(D, G), on the device
     nonzero_sizes = base + (ks < extra).long()                          # B x G
     room_end = torch.cumsum(all_sizes - nonzero_sizes, dim=1)           # B x G
     zero_rank = torch.cumsum(is_zero.long(), dim=1) - 1

@@ -703,7 +703,7 @@ def _card_features(model: nn.Module, load_name: str) -> List[str]:
 
 
 def _card_usage(record: RunRecord, config: Dict[str, Any], load_name: str, data_name: str,
-                model: Optional[nn.Module] = None) -> List[str]:
+                model: nn.Module) -> List[str]:
     """How to use it: the Python snippet, the validate.py command, a fine-tuning command."""
     loss, subset, dataset = record.loss, record.data.class_subset, record.data.dataset
     input_size = [int(s) for s in config['pretrained_cfg']['input_size']]
@@ -913,11 +913,9 @@ def check_publish_options(revision: Optional[str], create_pr: bool) -> None:
 
 
 def _human_size(size: int) -> str:
-    for unit in ('bytes', 'KiB', 'MiB'):
-        if size < 1024 or unit == 'MiB':
-            return f'{size} {unit}' if unit == 'bytes' else f'{size:.1f} {unit}'
-        size /= 1024
-    return f'{size:.1f} GiB'
+    if size < 1024:
+        return f'{size} bytes'
+    return f'{size / 1024:.1f} KiB' if size < 1024 ** 2 else f'{size / 1024 ** 2:.1f} MiB'
 
 
 def push_checkpoint(

@@ -242,8 +242,8 @@ def _open_outputs(run: Run) -> _Outputs:
     outputs.saver = AtomicCheckpointSaver(
         model=task.get_trainable_module(), optimizer=run.optimizer, args=run.config,
         amp_scaler=run.precision.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-        decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
-    outputs.saver.extra_state = {RECORD_KEY: from_training_arguments(vars(run.config)).to_dict()}
+        decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task,
+        extra_state={RECORD_KEY: from_training_arguments(vars(run.config)).to_dict()})
     if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
         outputs.saver.load_state_dict_from_checkpoint(args.resume)
     write_text_atomic(os.path.join(output_dir, 'args.yaml'), format_args(run.config))

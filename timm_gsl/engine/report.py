@@ -96,12 +96,11 @@ def format_summary(
     """
     lines = []
     if best_metric is not None:
-        # Exactly timm's train.py line (scripts parse it); the metric is eval_metric, named in the next line.
-        lines.append(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+        # Exactly timm's train.py line (scripts parse it), then ours, which names the metric.
+        lines += [f'*** Best metric: {best_metric} (epoch {best_epoch})',
+                  f'Best {eval_metric}: {best_metric:.3f} (epoch {best_epoch})']
     else:
         lines.append('No evaluation was run.')
-    if best_metric is not None:
-        lines.append(f'Best {eval_metric}: {best_metric:.3f} (epoch {best_epoch})')
     if last_metrics:
         lines.append('Last evaluation: ' + ', '.join(f'{k} {v:.4g}' for k, v in last_metrics.items()))
     if clean_train_metrics:

@@ -26,11 +26,15 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
     A recovery checkpoint also records, in its ``saver`` entry, how many updates of its epoch it holds
     (``updates_done``), so a resumed run finishes that epoch rather than skipping its remainder.
 
-    ``extra_state`` (set after construction) holds entries saved beside timm's in every checkpoint: the run's
-    :class:`timm_gsl.record.RunRecord` under ``run_record``.
+    Args:
+        *args, **kwargs: timm's ``CheckpointSaver`` arguments.
+        extra_state: entries saved beside timm's in every checkpoint (train.py's: the run's
+            :class:`timm_gsl.record.RunRecord` under ``run_record``).
     """
 
-    extra_state: Dict[str, Any] = {}
+    def __init__(self, *args: Any, extra_state: Optional[Dict[str, Any]] = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.extra_state = dict(extra_state or {})
 
     def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
         # timm writes its staging files ('tmp.pth.tar', 'recovery_tmp.pth.tar') in place; a kill
