@@ -581,3 +581,17 @@ def test_dataset_targets_and_names_of_plain_and_subset_datasets():
         ConditionedDataset(base, [0, 1], [0])
     with pytest.raises(ValueError, match='base=Subset has no transform'):
         apply_data_conditions(sub, class_subset=2)
+
+
+def test_a_runs_evaluation_images_are_read_again_from_its_record():
+    from timm_gsl.data import create_eval_dataset
+    from timm_gsl.record import DataRecord
+    record = DataRecord(dataset=EMBEDDED_DATASET, class_subset=4, seed=5, samples_per_class=3)
+    again = create_eval_dataset(record)
+    expected = create_dataset(EMBEDDED_DATASET, split='validation', class_subset=4, seed=5)
+    assert dataset_class_names(again) == dataset_class_names(expected) and len(again) == len(expected)
+    assert list(dataset_targets(again)) == list(dataset_targets(expected))
+    # No dataset and no root: the embedded dataset; keyword arguments win over the record.
+    other = create_eval_dataset(DataRecord(), class_subset=2, seed=1)
+    assert dataset_class_names(other) == dataset_class_names(
+        create_dataset(EMBEDDED_DATASET, split='validation', class_subset=2, seed=1))

@@ -7,7 +7,8 @@
   recomputed without ``timm_gsl.head``), timm's distillation terms written out by hand.
 * The teacher is frozen and outside the checkpoint; the student stays a plain timm model.
 * Teachers load through ``local-dir:`` (timm's ``save_for_hf`` layout) and an architecture + checkpoint.
-* Bad options give one-line ValueErrors naming the flag and the value, before any teacher is created.
+* Bad options give one-line ValueErrors naming the option and the value, before any teacher is created: by
+  its keyword, or with ``names=DISTILLATION_FLAGS`` (what train.py passes) by train.py's flag.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDisti
 
 import timm_gsl
 from timm_gsl import GroupSoftmaxLoss, GroupSoftmaxOutput
-from timm_gsl import distillation as kd
+from timm_gsl.cli.train_args import DISTILLATION_FLAGS
 from timm_gsl.distillation import (
-    check_distillation_options, create_distillation_task, distillation_loss_names, resolve_loss_weights)
+    GroupSoftmaxFeatureDistillationTask, check_distillation_options, create_distillation_task,
+    distillation_loss_names, resolve_loss_weights)
+from timm_gsl.distillation import teacher as kd_teacher
 
 NUM_CLASSES = 5
 SIZE = 32
@@ -415,7 +418,7 @@ def test_architecture_and_checkpoint_teacher(saved_teacher, tmp_path):
     # The same checkpoint for a student with other classes is refused before the teacher is built.
     with pytest.raises(ValueError) as info:
         create_distillation_task(cnn_student(3), loss='gsl', criterion=None, teacher='resnet10t',
-                                 teacher_pretrained_path=path, verbose=False)
+                                 teacher_pretrained_path=path, verbose=False, names=DISTILLATION_FLAGS)
     assert str(info.value).startswith("--kd-model-name resnet10t has 5 classes but the student has 3;")
 
 
@@ -428,7 +431,7 @@ def no_teacher_creation(monkeypatch):
     """Fail the test if a teacher gets created (the refusals must come first)."""
     def refuse(*args, **kwargs):
         raise AssertionError('a teacher was created before the options were checked')
-    monkeypatch.setattr(kd, '_create_teacher', refuse)
+    monkeypatch.setattr(kd_teacher, '_create_teacher', refuse)
 
 
 BAD = [
@@ -457,7 +460,8 @@ BAD = [
 
 @pytest.mark.parametrize('options,fragments', BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_options_are_refused_in_one_line(no_teacher_creation, options, fragments):
-    options = dict(dict(loss='gsl', criterion=None, teacher=cnn_teacher(), verbose=False), **options)
+    options = dict(dict(loss='gsl', criterion=None, teacher=cnn_teacher(), verbose=False, names=DISTILLATION_FLAGS),
+                   **options)
     with pytest.raises(ValueError) as info:
         create_distillation_task(cnn_student(), **options)
     message = str(info.value)
@@ -466,9 +470,64 @@ def test_bad_options_are_refused_in_one_line(no_teacher_creation, options, fragm
         assert fragment in message, message
 
 
+def _keywords(fragment: str) -> str:
+    """A fragment of a train.py message as the library writes it without ``names``: each flag as its keyword."""
+    for key, flag in sorted(DISTILLATION_FLAGS.items(), key=lambda item: -len(item[1])):
+        fragment = fragment.replace(flag, key)
+    return fragment
+
+
+@pytest.mark.parametrize('options,fragments', BAD, ids=[str(i) for i in range(len(BAD))])
+def test_without_names_the_messages_name_keywords(no_teacher_creation, options, fragments):
+    options = dict(dict(loss='gsl', criterion=None, teacher=cnn_teacher(), verbose=False), **options)
+    with pytest.raises(ValueError) as info:
+        create_distillation_task(cnn_student(), **options)
+    message = str(info.value)
+    assert '--' not in message, message
+    for fragment in fragments:
+        assert _keywords(fragment) in message, message
+
+
+def test_names_turns_keywords_into_flags():
+    # A teacher name timm does not have: the teacher and, in the advice, the checkpoint option.
+    with pytest.raises(ValueError) as info:
+        check_distillation_options(loss='gsl', teacher='resnet1000')
+    message = str(info.value)
+    assert message.startswith("teacher 'resnet1000': timm has no such model;"), message
+    assert '(teacher_pretrained_path)' in message and '--' not in message, message
+    with pytest.raises(ValueError) as info:
+        check_distillation_options(loss='gsl', teacher='resnet1000', names=DISTILLATION_FLAGS)
+    message = str(info.value)
+    assert message.startswith("--kd-model-name 'resnet1000': timm has no such model;"), message
+    assert '(--kd-pretrained-path)' in message, message
+    # The loss, named inside a message about another option.
+    with pytest.raises(ValueError, match=r"^distill_type feature with loss gsl: the student has 2 classifier"):
+        create_distillation_task(token_student(), loss='gsl', criterion=None, teacher=cnn_teacher(),
+                                 distill_type='feature', verbose=False)
+    with pytest.raises(ValueError, match=r"^distill_type 'attention': expected one of"):
+        distillation_loss_names('attention')
+    with pytest.raises(ValueError, match=r"^--kd-distill-type 'attention': expected one of"):
+        distillation_loss_names('attention', names=DISTILLATION_FLAGS)
+    # A partial mapping: the keywords it has are named its way, the others as themselves.
+    with pytest.raises(ValueError, match=r"^kd_temperature 0.0: expected a positive number"):
+        check_distillation_options(loss='gsl', teacher=cnn_teacher(), temperature=0.0,
+                                   names=dict(temperature='kd_temperature'))
+    with pytest.raises(ValueError, match=r"^kd_loss_type 'mse': .* token distillation token_distill_type\)"):
+        check_distillation_options(loss='gsl', teacher=cnn_teacher(), kd_loss_type='mse',
+                                   names=dict(temperature='kd_temperature'))
+
+
+def test_feature_task_built_directly_names_its_own_arguments():
+    with pytest.raises(ValueError, match=r'^GroupSoftmaxFeatureDistillationTask: the student has 2 classifier heads;'):
+        GroupSoftmaxFeatureDistillationTask(token_student(), cnn_teacher(), verbose=False)
+    with pytest.raises(ValueError, match=r'^student_feature_dim 64: .* 96 elements \(leave student_feature_dim unset'):
+        GroupSoftmaxFeatureDistillationTask(cnn_student(), cnn_teacher(), student_feature_dim=64, verbose=False)
+
+
 def test_teacher_module_with_other_classes_is_refused(no_teacher_creation):
     with pytest.raises(ValueError, match=r'^--kd-model-name .* has 7 classes but the student has 5;'):
-        create_distillation_task(cnn_student(), loss='ce', criterion=None, teacher=cnn_teacher(7), verbose=False)
+        create_distillation_task(cnn_student(), loss='ce', criterion=None, teacher=cnn_teacher(7), verbose=False,
+                                 names=DISTILLATION_FLAGS)
     # Feature distillation does not use the teacher's classifier.
     check_distillation_options(loss='ce', teacher=cnn_teacher(7), distill_type='feature', num_classes=5)
 
@@ -477,7 +536,7 @@ def test_local_dir_teacher_with_other_classes_is_refused(saved_teacher, no_teach
     folder, _ = saved_teacher
     with pytest.raises(ValueError) as info:
         create_distillation_task(cnn_student(3), loss='gsl', criterion=None, teacher=f'local-dir:{folder}',
-                                 verbose=False)
+                                 verbose=False, names=DISTILLATION_FLAGS)
     assert str(info.value).startswith(f'--kd-model-name local-dir:{folder} has 5 classes but the student has 3;')
     with pytest.raises(ValueError, match='has no config.json'):
         check_distillation_options(loss='gsl', teacher=f'local-dir:{os.path.dirname(folder)}')
@@ -486,10 +545,11 @@ def test_local_dir_teacher_with_other_classes_is_refused(saved_teacher, no_teach
 def test_feature_gsl_needs_one_classifier(no_teacher_creation):
     with pytest.raises(ValueError, match=r"^--kd-distill-type feature with --loss gsl: the student has 2 classifier"):
         create_distillation_task(token_student(), loss='gsl', criterion=None, teacher=cnn_teacher(),
-                                 distill_type='feature', verbose=False)
+                                 distill_type='feature', verbose=False, names=DISTILLATION_FLAGS)
     with pytest.raises(ValueError, match=r"^--kd-student-feature-dim 64: .* classifier's input, which has 96"):
         create_distillation_task(cnn_student(), loss='gsl', criterion=None, teacher=cnn_teacher(),
-                                 distill_type='feature', student_feature_dim=64, verbose=False)
+                                 distill_type='feature', student_feature_dim=64, verbose=False,
+                                 names=DISTILLATION_FLAGS)
 
 
 def test_normalisation_that_cannot_reach_the_teacher_is_refused():
@@ -498,7 +558,7 @@ def test_normalisation_that_cannot_reach_the_teacher_is_refused():
     teacher = timm.create_model('test_resnet', num_classes=NUM_CLASSES, in_chans=1)
     with pytest.raises(ValueError, match=r'^--kd-model-name: the teacher mean has 3 values but the student takes 1'):
         create_distillation_task(student, loss='gsl', criterion=None, teacher=teacher, input_mean=[0.2],
-                                 input_std=[0.3], verbose=False)
+                                 input_std=[0.3], verbose=False, names=DISTILLATION_FLAGS)
     # The same statistics need no renormalisation, and train.
     task = create_distillation_task(student, loss='gsl', criterion=None, teacher=teacher, verbose=False)
     x, y = batch()

@@ -94,3 +94,21 @@ def test_importing_any_library_module_loads_no_command_line():
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(loaded) == set(library)
     assert {m: fronts for m, fronts in loaded.items() if fronts} == {}
+
+
+# Library modules that speak in their own keywords: a command line passes them its flag names (``names``).
+KEYWORD_MODULES = sorted(m for m in MODULES if m == 'timm_gsl.naflex' or m.startswith('timm_gsl.distillation'))
+
+
+@pytest.mark.parametrize('module', KEYWORD_MODULES)
+def test_library_messages_name_keywords_not_flags(module):
+    import ast
+    import re
+    with open(MODULES[module]) as f:
+        tree = ast.parse(f.read())
+    # Docstrings (of modules, classes, functions and attributes): strings standing alone as statements.
+    docstrings = {id(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    flags = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and id(node) not in docstrings and re.search(r'--[a-z]', node.value)]
+    assert flags == [], f'{module} spells command-line flags outside its docstrings: {flags[:5]}'

@@ -7,6 +7,7 @@ group softmax features is the model's own ``forward_features`` + ``forward_head(
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -18,7 +19,8 @@ from PIL import Image
 import timm
 from timm.task import ClassificationTask
 
-from timm_gsl import GroupSoftmaxOutput, GroupSoftmaxTask
+from timm_gsl import GroupSoftmaxOutput, GroupSoftmaxTask, naflex
+from timm_gsl.cli.flags import NAFLEX_FLAGS
 from timm_gsl.naflex import (
     batch_size_of,
     check_naflex_model,
@@ -182,8 +184,12 @@ def test_loss_scale():
     assert naflex_loss_scale(32, 8, 'linear') == 4.0
     assert naflex_loss_scale(32, 8, 'sqrt') == 2.0
     assert naflex_loss_scale(8, 8, 'sqrt') == 1.0
-    with pytest.raises(ValueError, match='--naflex-loss-scale'):
+    with pytest.raises(ValueError, match=r"^mode 'log': expected one of none, sqrt, linear$"):
         naflex_loss_scale(8, 8, 'log')
+    with pytest.raises(ValueError, match=r'^base_batch_size 0: expected a positive integer$'):
+        naflex_loss_scale(8, 0, 'linear')
+    with pytest.raises(ValueError, match=r"^--naflex-loss-scale 'log'"):
+        naflex_loss_scale(8, 8, 'log', names={'mode': '--naflex-loss-scale'})
     assert naflex_distributed_scale(5, 1, CPU) == (1.0, 5)
     assert batch_size_of(torch.zeros(3, 3, 4, 4)) == 3
 
@@ -279,11 +285,11 @@ def test_model_name_checks():
     assert is_naflex_model_name('resnet18') is False
     assert is_naflex_model_name('hf-hub:timm/anything') is None
     with pytest.raises(ValueError, match=r'^--naflex-loader needs a NaFlex model .*got --model resnet18$'):
-        check_naflex_options(naflex_loader=True, model_name='resnet18')
+        check_naflex_options(naflex_loader=True, model_name='resnet18', names=NAFLEX_FLAGS)
     check_naflex_options(naflex_loader=False, model_name='resnet18', train_seq_lens=[-1])   # off: no checks
 
 
-@pytest.mark.parametrize('kwargs, match', [
+OPTION_ERRORS = [
     (dict(train_seq_lens=[128, 0]), r'--naflex-train-seq-lens 128 0: expected one or more positive'),
     (dict(train_seq_lens=[]), r'--naflex-train-seq-lens : expected'),
     (dict(max_seq_len=0), r'--naflex-max-seq-len 0: expected a positive integer'),
@@ -298,13 +304,24 @@ def test_model_name_checks():
     (dict(aug_repeats=3), r'--aug-repeats 3'),
     (dict(cutmix_minmax=[0.2, 0.8]), r'--cutmix-minmax 0.2 0.8'),
     (dict(mixup_mode='elem'), r"--mixup-mode 'elem'"),
-])
+]
+
+
+@pytest.mark.parametrize('kwargs, match', OPTION_ERRORS)
 def test_option_errors(kwargs, match):
-    args = dict(naflex_loader=True, model_name='naflexvit_base_patch16_gap')
+    args = dict(naflex_loader=True, model_name='naflexvit_base_patch16_gap', names=NAFLEX_FLAGS)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match) as info:
         check_naflex_options(**args)
     assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('kwargs', [kwargs for kwargs, _ in OPTION_ERRORS])
+def test_option_errors_name_keywords_without_names(kwargs):
+    with pytest.raises(ValueError) as info:
+        check_naflex_options(naflex_loader=True, model_name='naflexvit_base_patch16_gap', **kwargs)
+    message = str(info.value)
+    assert '--' not in message and message.split()[0] in kwargs, message
 
 
 def test_good_options_pass():
@@ -315,19 +332,72 @@ def test_good_options_pass():
 
 def test_model_errors():
     with pytest.raises(ValueError, match=r'^--naflex-loader needs a NaFlex model .*got --model resnet18 \(ResNet\)$'):
-        check_naflex_model(timm.create_model('resnet18', num_classes=2), model_name='resnet18')
+        check_naflex_model(timm.create_model('resnet18', num_classes=2), model_name='resnet18', names=NAFLEX_FLAGS)
     model = tiny_naflexvit()
     with pytest.raises(ValueError, match=r'--naflex-patch-sizes 8 16: .*enable_patch_interpolator=True'):
-        check_naflex_model(model, patch_sizes=[8, 16])
+        check_naflex_model(model, patch_sizes=[8, 16], names=NAFLEX_FLAGS)
     assert check_naflex_model(model, patch_sizes=[8]) == (8, 8)
     with pytest.raises(ValueError, match=r'^--naflex-patchify-channels-first: .*without'):
-        check_naflex_model(model, patchify_channels_first=True)
+        check_naflex_model(model, patchify_channels_first=True, names=NAFLEX_FLAGS)
     first = tiny_naflexvit(patchify_channels_last=False)
     assert check_naflex_model(first, patchify_channels_first=True) == (8, 8)
     with pytest.raises(ValueError, match=r'^no --naflex-patchify-channels-first: .* with '):
-        check_naflex_model(first)
+        check_naflex_model(first, names=NAFLEX_FLAGS)
     with pytest.raises(ValueError, match='--cutmix-minmax'):
-        create_naflex_mixup(num_classes=2, cutmix_minmax=[0.3, 0.7])
+        create_naflex_mixup(num_classes=2, cutmix_minmax=[0.3, 0.7], names=NAFLEX_FLAGS)
+
+
+# Library checks: (call, the message without names, the message with NAFLEX_FLAGS), each the message's start.
+def _transformed_dataset():
+    dataset = PilDataset(2)
+    dataset.transform = lambda img: img
+    return dataset
+
+
+LIBRARY_CHECKS = {
+    'options': (lambda **kw: check_naflex_options(naflex_loader=True, patch_size_probs=[1.0], **kw),
+                'patch_size_probs 1.0: needs patch_sizes ',
+                '--naflex-patch-size-probs 1.0: needs --naflex-patch-sizes '),
+    'model': (lambda **kw: check_naflex_model(tiny_naflexvit(), model_name='tiny', patchify_channels_first=True, **kw),
+              'patchify_channels_first: model_name tiny embeds',
+              '--naflex-patchify-channels-first: --model tiny embeds'),
+    'cnn': (lambda **kw: check_naflex_model(timm.create_model('resnet18', num_classes=2), **kw),
+            'naflex_loader needs a NaFlex model', '--naflex-loader needs a NaFlex model'),
+    'mixup': (lambda **kw: create_naflex_mixup(num_classes=2, mixup=0.5, mixup_mode='elem', **kw),
+              "mixup_mode 'elem': ", "--mixup-mode 'elem': "),
+    'cutmix_minmax': (lambda **kw: create_naflex_mixup(num_classes=2, cutmix_minmax=[0.3, 0.7], **kw),
+                      'cutmix_minmax 0.3 0.7: ', '--cutmix-minmax 0.3 0.7: '),
+    'train_loader': (lambda **kw: train_loader(_transformed_dataset(), **kw),
+                     'naflex_loader: the training dataset', '--naflex-loader: the training dataset'),
+    'train_loader_options': (lambda **kw: train_loader(batch_size=4, **kw),
+                             'batch_size 4: ', '--batch-size 4: '),
+    'eval_loader': (lambda **kw: create_naflex_eval_loader(PilDataset(2), data_config=DATA_CONFIG, batch_size=2,
+                                                           model_patch_size=PATCH, max_seq_len=0, device=CPU, **kw),
+                    'max_seq_len 0: ', '--naflex-max-seq-len 0: '),
+}
+
+
+@pytest.mark.parametrize('check', sorted(LIBRARY_CHECKS))
+def test_messages_name_keywords_unless_given_names(check):
+    call, keyword_start, flag_start = LIBRARY_CHECKS[check]
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value).startswith(keyword_start) and '--' not in str(info.value), str(info.value)
+    with pytest.raises(ValueError) as info:
+        call(names=NAFLEX_FLAGS)
+    assert str(info.value).startswith(flag_start), str(info.value)
+
+
+def test_the_flag_mapping_names_train_flags_for_library_keywords():
+    from timm_gsl.cli.train_args import get_args_parser
+    keywords = set()
+    for name in naflex.__all__:
+        function = getattr(naflex, name)
+        if callable(function):
+            keywords |= set(inspect.signature(function).parameters)
+    assert set(NAFLEX_FLAGS) <= keywords, sorted(set(NAFLEX_FLAGS) - keywords)
+    flags = {option for action in get_args_parser()._actions for option in action.option_strings}
+    assert set(NAFLEX_FLAGS.values()) <= flags, sorted(set(NAFLEX_FLAGS.values()) - flags)
 
 
 def test_channels_first_training_step():

@@ -55,10 +55,11 @@ def test_the_record_round_trips_through_plain_data():
 
 def test_a_newer_or_malformed_record_is_refused_in_one_line():
     record = from_training_arguments(dict(model='resnet18')).to_dict()
-    with pytest.raises(ValueError, match=r'^run record version 2 is not one this timm-gsl reads \(1 to 1\); '
-                                         r'update timm-gsl to read it$'):
-        RunRecord.from_dict(dict(record, version=RECORD_VERSION + 1))
-    with pytest.raises(ValueError, match='does not fit version 1'):
+    newer = RECORD_VERSION + 1
+    with pytest.raises(ValueError, match=rf'^run record version {newer} is not one this timm-gsl reads '
+                                         rf'\(1 to {RECORD_VERSION}\); update timm-gsl to read it$'):
+        RunRecord.from_dict(dict(record, version=newer))
+    with pytest.raises(ValueError, match=f'does not fit version {RECORD_VERSION}'):
         RunRecord.from_dict(dict(record, model=dict(record['model'], colour='red')))
     with pytest.raises(ValueError, match='neither a run record nor training arguments'):
         RunRecord.from_checkpoint({'state_dict': {}})
@@ -84,19 +85,58 @@ def test_the_saver_writes_what_timms_saver_writes_plus_the_extra_state(tmp_path)
     assert torch.load(tmp_path / 'ours' / 'd.pth.tar', weights_only=False)[RECORD_KEY] == {'version': 1}
 
 
+def test_a_version_1_record_reads_with_the_later_sections_unset():
+    # As train.py wrote it at commit dc80743 (record version 1).
+    v1 = {'model': {'architecture': 'test_resnet', 'num_classes': 3, 'in_chans': 3, 'input_size': [3, 28, 28],
+                    'pretrained': False, 'initial_checkpoint': None, 'global_pool': None, 'kwargs': {}},
+          'data': {'dataset': 'embedded/fashion-mnist', 'root': None, 'folder': None, 'train_split': 'train',
+                   'eval_split': 'validation', 'class_names': ['a', 'b', 'c'], 'class_subset': 3,
+                   'samples_per_class': 8, 'seed': 42, 'mean': [0.286] * 3, 'std': [0.353] * 3, 'crop_pct': 1.0,
+                   'interpolation': 'bilinear'},
+          'loss': {'kind': 'ce', 'group_type': None, 'groups': None, 'grouping': None, 'smoothing': 0.1,
+                   'mixup': 0.0, 'cutmix': 0.0},
+          'training': {'epochs': 1, 'batch_size': 8, 'lr': 0.1, 'optimizer': 'sgd', 'scheduler': 'cosine',
+                       'workers': 0, 'eval_metric': 'top1'},
+          'distillation': None, 'version': 1}
+    record = RunRecord.from_dict(v1)
+    assert record.version == 1 and record.model.input_size == (3, 28, 28)
+    assert (record.evaluation, record.calibration, record.training.command, record.data.crop_mode) == (
+        None, None, None, None)
+
+
+def test_a_temperature_written_beside_an_older_record_goes_into_its_calibration_section():
+    raw = read_checkpoint(OLD_CHECKPOINT, 'checkpoint')
+    fit = dict(temperature=2.0, images=30, source='hold-out', nll_before=1.0, ece_before=10.0, nll_after=0.8,
+               ece_after=2.0, reported_on='validation images', reported_images=300, weights='model')
+    record = RunRecord.from_checkpoint(dict(raw, calibration=fit))
+    assert record.calibration is not None and record.calibration.to_dict() == fit
+    with pytest.raises(ValueError, match="^its 'calibration' entry is malformed: "):
+        RunRecord.from_checkpoint(dict(raw, calibration=dict(fit, temperature=-1.0)))
+
+
 def test_train_py_saves_its_record_in_every_checkpoint(tmp_path):
     result = train_main(['--model', 'test_resnet', '--class-subset', '3', '--samples-per-class', '8', '-b', '8',
-                         '--train-batches-per-epoch', '1', '--epochs', '1', '-j', '0', '--device', 'cpu',
-                        '--loss', 'ce', '--output', str(tmp_path), '--experiment', 'run'])
+                         '--train-batches-per-epoch', '1', '--epochs', '2', '-j', '0', '--device', 'cpu',
+                         '--loss', 'ce', '--output', str(tmp_path), '--experiment', 'run', '--val-interval', '2'])
     names = sorted(n for n in os.listdir(result['output_dir']) if n.endswith('.pth.tar'))
-    assert names == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    assert names == ['checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    evaluated = {}
     for name in names:
         raw = read_checkpoint(os.path.join(result['output_dir'], name), 'checkpoint')  # weights_only reading
         record = RunRecord.from_checkpoint(raw)
         assert record.version == RECORD_VERSION
-        assert record == from_training_arguments(vars(raw['args']) if not isinstance(raw['args'], dict)
-                                                 else raw['args'])
+        args = vars(raw['args']) if not isinstance(raw['args'], dict) else raw['args']
+        assert record.replace(evaluation=None) == from_training_arguments(args, command=record.training.command)
         assert (record.model.architecture, record.model.num_classes, record.loss.kind) == ('test_resnet', 3, 'ce')
+        command = record.training.command
+        assert command.startswith('python train.py ') and '--model test_resnet' in command and '--epochs 2' in command
+        evaluated[name] = record.evaluation
+    # Epoch 0 was not validated (--val-interval 2); each checkpoint of epoch 1 holds that epoch's validation.
+    assert evaluated['checkpoint-0.pth.tar'] is None
+    last = result['history'][-1]
+    for name in ('checkpoint-1.pth.tar', 'last.pth.tar', 'model_best.pth.tar'):
+        assert evaluated[name].epoch == 1
+        assert evaluated[name].metrics == {k[len('eval_'):]: v for k, v in last.items() if k.startswith('eval_')}
 
 
 def test_publishing_refuses_a_checkpoint_from_a_newer_timm_gsl_in_one_line(tmp_path):

@@ -100,3 +100,18 @@ def test_bad_base_model_is_refused(base_model, match):
 def test_base_model_without_classifier_is_refused():
     with pytest.raises(timm_gsl.UnsupportedModelError, match='num_classes=0'):
         timm.create_model('group_softmax', base_model=BASE.arch, num_classes=0)
+
+
+def test_a_model_is_created_again_from_its_record_as_training_created_it():
+    from timm_gsl.record import ModelRecord
+    from timm_gsl.registry import create_model_from_record
+    spec = ModelRecord(architecture='test_resnet', num_classes=4, in_chans=1, global_pool='max')
+    model = create_model_from_record(spec)
+    torch.manual_seed(0)
+    expected = timm.create_model('test_resnet', num_classes=4, in_chans=1, global_pool='max')
+    assert type(model) is type(expected) and model.num_classes == 4
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in expected.state_dict().items()}
+    # A model with a fixed input size is built for the size asked, as timm's scripts do; overrides win.
+    vit = create_model_from_record(ModelRecord(architecture='test_vit', num_classes=3), {'img_size': 32},
+                                   num_classes=5)
+    assert vit.patch_embed.img_size == (32, 32) and vit.num_classes == 5

@@ -54,6 +54,7 @@ def test_gsl_run_fits_a_temperature_on_held_out_training_images_by_default(tmp_p
     fit = CalibrationFit.from_dict(best['calibration'])
     assert CalibrationFit.from_dict(last['calibration']) is not None
     assert result['calibration'] == fit
+    assert best['run_record']['calibration'] == fit.to_dict()  # in the run record too, for its readers
     assert fit.images == 3 * 50 and fit.source.startswith('training-pool hold-out') and fit.weights == 'model'
     # The calibration images: the 50 set aside per class, none of them a training image.
     calib_logits, calib_target, calib = _logits(best, 'train', is_training=True, samples_per_class=8,

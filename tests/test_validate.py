@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import csv
 import json
 import logging
@@ -239,6 +240,23 @@ def test_class_subset_and_seed_recorded_in_checkpoint_are_applied_unless_passed(
     other = gsl_data.create_dataset(gsl_data.EMBEDDED_DATASET, split='validation', class_subset=3, seed=42)
     assert other.indices != same.indices
     assert (results['top1'], results['top5']) == reference_eval(model, other, {'input_size': (3, SIZE, SIZE)})
+
+
+def test_the_options_stay_as_parsed_and_a_run_record_supplies_what_was_not_passed(tmp_path):
+    from timm_gsl.record import RECORD_KEY, from_training_arguments
+    model = fitted_model(num_classes=3, class_subset=3, seed=3)
+    path = tmp_path / 'recorded.pth.tar'
+    # Only a run record (no training arguments): validate.py reads nothing else.
+    record = from_training_arguments(dict(model='test_resnet', num_classes=3, input_size=(3, SIZE, SIZE),
+                                          class_subset=3, seed=3, dataset=gsl_data.EMBEDDED_DATASET))
+    torch.save({'epoch': 0, 'state_dict': model.state_dict(), RECORD_KEY: record.to_dict()}, path)
+    args = parse_args(['-j', '0', '--device', 'cpu', '--checkpoint', str(path), '-b', '100'])
+    before = copy.deepcopy(vars(args))
+    results = validate(args)
+    assert vars(args) == before
+    same = gsl_data.create_dataset(gsl_data.EMBEDDED_DATASET, split='validation', class_subset=3, seed=3)
+    assert (results['top1'], results['top5']) == reference_eval(model, same, {'input_size': (3, SIZE, SIZE)})
+    assert results['model'] == 'test_resnet' and results['img_size'] == SIZE
 
 
 def test_checkpoint_of_our_train_py_gives_the_top1_training_measured(tmp_path, capsys):

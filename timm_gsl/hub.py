@@ -51,7 +51,8 @@ from timm.models import clean_state_dict, save_for_hf
 from . import data as gsl_data
 from .calibration import CalibrationFit
 from .head import UnsupportedModelError, classifier_layers, is_converted, unconvert_model
-from .record import RunRecord, from_training_arguments
+from .registry import create_model_from_record
+from .record import ModelRecord, RunRecord, from_training_arguments
 from .engine.atomic import atomic_path
 from .engine.checkpoint_io import read_checkpoint
 
@@ -75,8 +76,9 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-# Renders the training arguments a checkpoint records as the command line that trains it again (the
-# command line module knows its flags; see timm_gsl.cli.train_args.training_command).
+# Renders the training arguments of a checkpoint whose run record has no training command (written before the
+# record kept one) as the command line that trains it again; the command line module knows its flags (see
+# timm_gsl.cli.train_args.training_command).
 TrainingCommand = Callable[[Dict[str, Any]], str]
 
 CITATION = """@inproceedings{kobayashi2021group,
@@ -191,17 +193,13 @@ def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckp
     # Weights saved from a DistributedDataParallel or compiled model carry a prefix.
     state_dict = clean_state_dict(state_dict)
     try:
-        calibration = CalibrationFit.from_dict(raw.get('calibration'))
-    except ValueError as e:
-        raise ValueError(f"checkpoint {path!r}: its 'calibration' entry is malformed: {e}") from e
-    try:
         record = RunRecord.from_checkpoint(raw)
     except ValueError as e:
         raise ValueError(f'checkpoint {path!r}: {e}') from e
     metric = raw.get('metric')
     return TrainingCheckpoint(path, state_dict, dict(args), raw.get('epoch'),
-                              float(metric) if isinstance(metric, (int, float)) else None, used_ema, calibration,
-                              record)
+                              float(metric) if isinstance(metric, (int, float)) else None, used_ema,
+                              record.calibration, record)
 
 
 def build_model(checkpoint: TrainingCheckpoint) -> nn.Module:
@@ -217,8 +215,7 @@ def build_model(checkpoint: TrainingCheckpoint) -> nn.Module:
         raise ValueError(f'checkpoint {checkpoint.path!r}: unknown architecture {name!r}; timm has no model of '
                          f'that name (timm {timm.__version__}; see timm.list_models()).')
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans,
-                                  global_pool=spec.global_pool, **spec.kwargs)
+        model = create_model_from_record(spec)
     except (RuntimeError, ValueError, TypeError, OSError) as e:
         raise ValueError(f'checkpoint {checkpoint.path!r}: cannot create architecture {name!r} '
                          f'({type(e).__name__}: {e}).') from e
@@ -311,22 +308,19 @@ def published_calibration(checkpoint: TrainingCheckpoint, fold_temperature: bool
     return None
 
 
-def _class_names(args: Dict[str, Any], num_classes: int) -> Optional[List[str]]:
-    """The names of the classes the model predicts, in label order, when the dataset records them."""
-    dataset = args.get('dataset') or ''
-    root = args.get('data_dir') or args.get('data')
-    if not gsl_data.is_embedded(dataset) and not root:
-        return None
-    try:
-        val = gsl_data.create_dataset(
-            dataset, root=root, split=args.get('val_split') or 'validation', is_training=False,
-            class_subset=args.get('class_subset'), samples_per_class=args.get('samples_per_class'),
-            seed=args.get('seed', 42), class_map=args.get('class_map') or '')
-        names = gsl_data.dataset_class_names(val)
-    except Exception as e:  # the data may live on the training machine only
-        _logger.warning(f'No class names for the card: the dataset {dataset or root!r} cannot be read here ({e}).')
-        return None
-    return names if names and len(names) == num_classes else None
+def _class_names(record: RunRecord, num_classes: int) -> Optional[List[str]]:
+    """The names of the classes the model predicts, in label order: the record's, else (a checkpoint from before
+    class names were recorded) the evaluation dataset's, when it names them."""
+    names = record.data.class_names
+    data = record.data
+    if names is None and (gsl_data.is_embedded(data.dataset) or data.root):
+        try:
+            names = gsl_data.dataset_class_names(gsl_data.create_eval_dataset(data))
+        except Exception as e:  # the data may live on the training machine only
+            _logger.warning(f'No class names for the card: the dataset {data.dataset or data.root!r} cannot be read '
+                            f'here ({e}).')
+            return None
+    return list(names) if names and len(names) == num_classes else None
 
 
 def _evaluation(checkpoint: TrainingCheckpoint) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
@@ -340,7 +334,10 @@ def _evaluation(checkpoint: TrainingCheckpoint) -> Tuple[Dict[str, float], List[
     for row in rows:
         if checkpoint.epoch is not None and row.get('epoch') == str(checkpoint.epoch):
             final = {k[len('eval_'):]: float(v) for k, v in row.items() if k.startswith('eval_') and v != ''}
-    if not final and checkpoint.metric is not None and checkpoint.args.get('eval_metric', 'top1') == 'top1':
+    record = checkpoint.record
+    if not final and record.evaluation is not None and record.evaluation.epoch == checkpoint.epoch:
+        final = dict(record.evaluation.metrics)  # no summary.csv beside the checkpoint: its record's
+    if not final and checkpoint.metric is not None and record.training.eval_metric == 'top1':
         final = {'top1': checkpoint.metric}
     return final, rows
 
@@ -368,15 +365,15 @@ def hub_url(repo_id: str) -> str:
     return f'{constants.ENDPOINT.rstrip("/")}/{repo_id}'
 
 
-def base_model(args: Dict[str, Any]) -> Optional[str]:
+def base_model(spec: ModelRecord) -> Optional[str]:
     """The Hub model a training run started from, for the card's ``base_model``, or None.
 
-    That is the repo of ``--initial-checkpoint hf-hub:ORG/NAME``, or with ``--pretrained`` (and no
-    ``--pretrained-path``) the repo of ``--model hf-hub:ORG/NAME`` or the Hub repo timm downloads a
-    timm model's pretrained weights from (``resnet18`` -> ``timm/resnet18.a1_in1k``).
+    That is the repo of an initial checkpoint ``hf-hub:ORG/NAME``, or for a run that started from pretrained
+    weights (not read from a file of its own) the repo of an architecture ``hf-hub:ORG/NAME`` or the Hub repo
+    timm downloads a timm model's pretrained weights from (``resnet18`` -> ``timm/resnet18.a1_in1k``).
 
     Args:
-        args: training arguments (a checkpoint's ``args``).
+        spec: the model section of the run's record.
     """
     def repo_of(name: str) -> Optional[str]:
         repo = name[len('hf-hub:'):].split('@')[0]
@@ -385,11 +382,11 @@ def base_model(args: Dict[str, Any]) -> Optional[str]:
         except ValueError:
             return None
 
-    initial = args.get('initial_checkpoint') or ''
-    if isinstance(initial, str) and initial.startswith('hf-hub:'):
+    initial = spec.initial_checkpoint or ''
+    if initial.startswith('hf-hub:'):
         return repo_of(initial)
-    model = args.get('model') or ''
-    if not args.get('pretrained') or args.get('pretrained_path') or not isinstance(model, str):
+    model = spec.architecture
+    if not spec.pretrained or spec.pretrained_path:
         return None
     if model.startswith('hf-hub:'):
         return repo_of(model)
@@ -445,8 +442,8 @@ def model_card(
         learning_curves: whether ``learning_curves.png`` is published beside the card.
         local_dir: the folder of a local export (when ``repo_id`` is None).
         revision: the branch of ``repo_id`` the files are committed to (None or ``main``: the default one).
-        training_command: renders the checkpoint's training arguments as a command line, shown in the card
-            (none shown when None).
+        training_command: renders the checkpoint's training arguments as a command line, for a checkpoint whose
+            record holds none (the card shows the record's command, else this one's, else none).
 
     Returns:
         The card's text.
@@ -459,20 +456,22 @@ def model_card(
         title = os.path.basename(os.path.normpath(local_dir))
     else:
         raise ValueError('model_card: give the Hub repo_id or the local_dir the files are in.')
-    args, record = checkpoint.args, checkpoint.record
+    record = checkpoint.record
     final, rows = _evaluation(checkpoint)
     data_name, hub_dataset = _data_description(record)
     conditions = _conditions(record, config['num_classes'])
     split, split_source, hub_split = _evaluation_split(record)
-    base = base_model(args)
+    base = base_model(record.model)
     metadata = _card_metadata(config, final, data_name, hub_dataset, conditions, hub_split, license, base, title)
     lines = ['---', metadata, '---', '', f'# Model card for {title}', '']
     lines += _card_details(checkpoint, model, config, load_name, base)
     lines += _card_training(record, data_name, conditions, split, split_source)
     lines += _card_evaluation(final, rows, learning_curves, config.get('calibration'), _loss_labels(record))
     lines += _card_usage(record, config, load_name, data_name, model)
-    if training_command is not None:
-        lines += ['## Training command', '', '```bash', training_command(args), '```', '']
+    # The command train.py recorded; for checkpoints from before the record kept it, rendered by the caller.
+    command = record.training.command or (training_command(checkpoint.args) if training_command else None)
+    if command:
+        lines += ['## Training command', '', '```bash', command, '```', '']
     lines += ['## Citation', '', '```bibtex', CITATION, '```', '']
     return '\n'.join(lines)
 
@@ -783,10 +782,9 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[st
     ``local_dir``.
     """
     model = build_model(checkpoint)
-    args = checkpoint.args
-    data_config = resolve_data_config(args, model=model)
+    data_config = resolve_data_config(_input_options(checkpoint.record), model=model)
     calibration = _fold_published(model, checkpoint, fold_temperature, data_config['input_size'])
-    labels = _class_names(args, model.num_classes)
+    labels = _class_names(checkpoint.record, model.num_classes)
     save_for_hf(model, folder, model_config=dict(label_names=labels) if labels else None,
                 safe_serialization=True, data_config=data_config)
     config_path = os.path.join(folder, CONFIG_FILE)
@@ -824,6 +822,14 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[st
         f.write(card)
     files.append(CARD_FILE)
     return files
+
+
+def _input_options(record: RunRecord) -> Dict[str, Any]:
+    """The recorded input and evaluation transform, as timm's ``resolve_data_config`` reads them."""
+    data = record.data
+    options = dict(input_size=record.model.input_size, in_chans=record.model.in_chans, mean=data.mean, std=data.std,
+                   crop_pct=data.crop_pct, crop_mode=data.crop_mode, interpolation=data.interpolation or None)
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _default_modes(folder: str) -> Tuple[int, int]:

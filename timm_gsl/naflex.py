@@ -27,12 +27,16 @@ its own batch size while DDP averages gradients over processes).
 Everything here takes plain keyword arguments (the values of the command-line flags), not an
 argparse namespace. The group softmax head (:func:`timm_gsl.convert_model`) needs no change for
 NaFlexViT: its classifier receives the masked-pooled, normed B x D features.
+
+Messages name an option by its keyword (``patch_sizes``). The functions that raise take ``names``, a
+mapping of keywords to how the caller's users know the options: the command lines pass their flags
+(``timm_gsl.cli.flags.NAFLEX_FLAGS``), so their messages read ``--naflex-patch-sizes``.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -67,6 +71,8 @@ _USE_NAFLEX_ENV = {
 }
 
 IntOrPair = Union[int, Tuple[int, int]]
+# Keyword -> how a message names it (a command line passes its flags); a keyword not in it names itself.
+Names = Optional[Mapping[str, str]]
 
 
 def _fmt(values: Any) -> str:
@@ -75,6 +81,16 @@ def _fmt(values: Any) -> str:
     if isinstance(values, (list, tuple)):
         return ' '.join(str(v) for v in values)
     return str(values)
+
+
+def _namer(names: Names) -> Callable[[str], str]:
+    """How messages name an option: ``names[keyword]`` when given, else the keyword itself."""
+    table = dict(names or {})
+    return lambda keyword: table.get(keyword, keyword)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -144,6 +160,7 @@ def check_naflex_options(
         aug_repeats: float = 0,
         cutmix_minmax: Optional[Sequence[float]] = None,
         mixup_mode: str = 'batch',
+        names: Names = None,
 ) -> None:
     """Check the NaFlex options cheaply (no model, no data), before anything is built.
 
@@ -164,58 +181,68 @@ def check_naflex_options(
         aug_repeats: ``--aug-repeats`` (the NaFlex loader has none).
         cutmix_minmax: ``--cutmix-minmax`` (NaFlex Mixup/CutMix has no min/max ratio).
         mixup_mode: ``--mixup-mode`` (NaFlex Mixup/CutMix always mixes pairs of images).
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword.
 
     Raises:
-        ValueError: one line naming the flag, the value and what is allowed.
+        ValueError: one line naming the option, the value and what is allowed.
     """
     if not naflex_loader:
         return
-    capable = is_naflex_model_name(model_name, model_kwargs)
-    if capable is False:
-        raise ValueError(f'--naflex-loader needs a NaFlex model (timm\'s naflexvit family, or a ViT with '
-                         f'--model-kwargs use_naflex=True), got --model {model_name}')
+    n = _namer(names)
+    if is_naflex_model_name(model_name, model_kwargs) is False:
+        raise ValueError(f'{n("naflex_loader")} needs a NaFlex model (timm\'s naflexvit family, or a ViT with '
+                         f'{n("model_kwargs")} use_naflex=True), got {n("model_name")} {model_name}')
     if batch_size is not None and batch_size < NAFLEX_BATCH_DIVISOR:
-        raise ValueError(f'--batch-size {batch_size}: the NaFlex loader floors batch sizes to multiples of '
-                         f'{NAFLEX_BATCH_DIVISOR}, so --naflex-loader needs --batch-size >= {NAFLEX_BATCH_DIVISOR}')
+        raise ValueError(f'{n("batch_size")} {batch_size}: the NaFlex loader floors batch sizes to multiples of '
+                         f'{NAFLEX_BATCH_DIVISOR}, so {n("naflex_loader")} needs {n("batch_size")} >= '
+                         f'{NAFLEX_BATCH_DIVISOR}')
     seq_lens = list(train_seq_lens or ())
-    if not seq_lens or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in seq_lens):
-        raise ValueError(f'--naflex-train-seq-lens {_fmt(train_seq_lens)}: expected one or more positive '
+    if not seq_lens or not all(_is_positive_int(s) for s in seq_lens):
+        raise ValueError(f'{n("train_seq_lens")} {_fmt(train_seq_lens)}: expected one or more positive '
                          f'integers (patches per image)')
-    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
-        raise ValueError(f'--naflex-max-seq-len {max_seq_len}: expected a positive integer (patches per image)')
-    if patch_sizes is not None:
-        if not list(patch_sizes) or any(not isinstance(p, int) or isinstance(p, bool) or p <= 0
-                                         for p in patch_sizes):
-            raise ValueError(f'--naflex-patch-sizes {_fmt(patch_sizes)}: expected one or more positive integers')
-    if patch_size_probs is not None:
-        if patch_sizes is None:
-            raise ValueError(f'--naflex-patch-size-probs {_fmt(patch_size_probs)}: needs --naflex-patch-sizes '
-                             f'(one weight per patch size)')
-        if len(patch_size_probs) != len(patch_sizes):
-            raise ValueError(f'--naflex-patch-size-probs {_fmt(patch_size_probs)}: expected one weight per '
-                             f'--naflex-patch-sizes {_fmt(patch_sizes)}, got {len(patch_size_probs)} for '
-                             f'{len(patch_sizes)}')
-        if any(not math.isfinite(p) or p < 0 for p in patch_size_probs) or sum(patch_size_probs) <= 0:
-            raise ValueError(f'--naflex-patch-size-probs {_fmt(patch_size_probs)}: expected finite weights >= 0 '
-                             f'with a positive sum')
+    _check_max_seq_len(max_seq_len, n)
+    _check_patch_sizes(patch_sizes, patch_size_probs, n)
     if loss_scale not in NAFLEX_LOSS_SCALES:
-        raise ValueError(f'--naflex-loss-scale {loss_scale!r}: expected one of {", ".join(NAFLEX_LOSS_SCALES)}')
+        raise ValueError(f'{n("loss_scale")} {loss_scale!r}: expected one of {", ".join(NAFLEX_LOSS_SCALES)}')
     if aug_splits and aug_splits > 1:
-        raise ValueError(f'--aug-splits {aug_splits}: the NaFlex loader has no augmentation splits; '
-                         f'expected 0 with --naflex-loader')
+        raise ValueError(f'{n("aug_splits")} {aug_splits}: the NaFlex loader has no augmentation splits; '
+                         f'expected 0 with {n("naflex_loader")}')
     if aug_repeats:
-        raise ValueError(f'--aug-repeats {aug_repeats}: the NaFlex loader does not repeat augmentations; '
-                         f'expected 0 with --naflex-loader')
-    _check_naflex_mixup(cutmix_minmax, mixup_mode)
+        raise ValueError(f'{n("aug_repeats")} {aug_repeats}: the NaFlex loader does not repeat augmentations; '
+                         f'expected 0 with {n("naflex_loader")}')
+    _check_naflex_mixup(cutmix_minmax, mixup_mode, n)
 
 
-def _check_naflex_mixup(cutmix_minmax: Optional[Sequence[float]], mixup_mode: str) -> None:
+def _check_max_seq_len(max_seq_len: int, n: Callable[[str], str]) -> None:
+    if not _is_positive_int(max_seq_len):
+        raise ValueError(f'{n("max_seq_len")} {max_seq_len}: expected a positive integer (patches per image)')
+
+
+def _check_patch_sizes(patch_sizes: Optional[Sequence[int]], patch_size_probs: Optional[Sequence[float]],
+                       n: Callable[[str], str]) -> None:
+    if patch_sizes is not None and (not list(patch_sizes) or not all(_is_positive_int(p) for p in patch_sizes)):
+        raise ValueError(f'{n("patch_sizes")} {_fmt(patch_sizes)}: expected one or more positive integers')
+    if patch_size_probs is None:
+        return
+    if patch_sizes is None:
+        raise ValueError(f'{n("patch_size_probs")} {_fmt(patch_size_probs)}: needs {n("patch_sizes")} '
+                         f'(one weight per patch size)')
+    if len(patch_size_probs) != len(patch_sizes):
+        raise ValueError(f'{n("patch_size_probs")} {_fmt(patch_size_probs)}: expected one weight per '
+                         f'{n("patch_sizes")} {_fmt(patch_sizes)}, got {len(patch_size_probs)} for '
+                         f'{len(patch_sizes)}')
+    if any(not math.isfinite(p) or p < 0 for p in patch_size_probs) or sum(patch_size_probs) <= 0:
+        raise ValueError(f'{n("patch_size_probs")} {_fmt(patch_size_probs)}: expected finite weights >= 0 '
+                         f'with a positive sum')
+
+
+def _check_naflex_mixup(cutmix_minmax: Optional[Sequence[float]], mixup_mode: str, n: Callable[[str], str]) -> None:
     if cutmix_minmax is not None:
-        raise ValueError(f'--cutmix-minmax {_fmt(cutmix_minmax)}: NaFlex Mixup/CutMix has no min/max box ratio; '
-                         f'use --cutmix ALPHA with --naflex-loader')
+        raise ValueError(f'{n("cutmix_minmax")} {_fmt(cutmix_minmax)}: NaFlex Mixup/CutMix has no min/max box '
+                         f'ratio; use {n("cutmix")} ALPHA with {n("naflex_loader")}')
     if mixup_mode != 'batch':
-        raise ValueError(f'--mixup-mode {mixup_mode!r}: NaFlex Mixup/CutMix always mixes pairs of neighbouring '
-                         f'images; expected the default \'batch\' with --naflex-loader')
+        raise ValueError(f'{n("mixup_mode")} {mixup_mode!r}: NaFlex Mixup/CutMix always mixes pairs of neighbouring '
+                         f'images; expected the default \'batch\' with {n("naflex_loader")}')
 
 
 def check_naflex_model(
@@ -224,6 +251,7 @@ def check_naflex_model(
         model_name: str = '',
         patch_sizes: Optional[Sequence[int]] = None,
         patchify_channels_first: bool = False,
+        names: Names = None,
 ) -> Tuple[int, int]:
     """Check a built model against the NaFlex options and return its patch size.
 
@@ -237,36 +265,39 @@ def check_naflex_model(
             ``enable_patch_interpolator=True``.
         patchify_channels_first: ``--naflex-patchify-channels-first``; must match the model's
             ``patchify_channels_last`` setting.
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword.
+            Besides this function's keywords the messages name ``naflex_loader`` and ``model_kwargs``.
 
     Returns:
         The model's patch size ``(h, w)`` (timm's ``model.embeds.patch_size``): the single patch size
         of the training loader and the patch size of the evaluation loader.
 
     Raises:
-        ValueError: one line naming the flag, the value and what is allowed.
+        ValueError: one line naming the option, the value and what is allowed.
     """
+    n = _namer(names)
     inner = _unwrap(model)
     name = model_name or type(inner).__name__
     if not is_naflex_model(inner):
-        raise ValueError(f'--naflex-loader needs a NaFlex model (timm\'s naflexvit family), got --model {name} '
-                         f'({type(inner).__name__})')
+        raise ValueError(f'{n("naflex_loader")} needs a NaFlex model (timm\'s naflexvit family), got '
+                         f'{n("model_name")} {name} ({type(inner).__name__})')
     embeds = inner.embeds
     if not getattr(embeds, 'is_linear', True):
-        raise ValueError(f'--naflex-loader needs a NaFlexViT with a linear patch embedding (proj_type=\'linear\'), '
-                         f'got --model {name} with a convolutional one')
+        raise ValueError(f'{n("naflex_loader")} needs a NaFlexViT with a linear patch embedding '
+                         f'(proj_type=\'linear\'), got {n("model_name")} {name} with a convolutional one')
     patch_size = _pair(embeds.patch_size)
     channels_last = bool(getattr(embeds, 'channels_last', True))
     if channels_last == bool(patchify_channels_first):
-        given = '--naflex-patchify-channels-first' if patchify_channels_first else 'no --naflex-patchify-channels-first'
-        want = 'without' if channels_last else 'with'
-        raise ValueError(f'{given}: --model {name} embeds patches laid out '
-                         f'{"channels-last (P-P-C)" if channels_last else "channels-first (C-P-P)"}, so train it '
-                         f'{want} --naflex-patchify-channels-first')
+        flag = n('patchify_channels_first')
+        given = flag if patchify_channels_first else f'no {flag}'
+        layout = 'channels-last (P-P-C)' if channels_last else 'channels-first (C-P-P)'
+        raise ValueError(f'{given}: {n("model_name")} {name} embeds patches laid out {layout}, so train it '
+                         f'{"without" if channels_last else "with"} {flag}')
     if patch_sizes and any(_pair(p) != patch_size for p in patch_sizes) and \
             getattr(embeds, 'patch_interpolator', None) is None:
-        raise ValueError(f'--naflex-patch-sizes {_fmt(patch_sizes)}: --model {name} embeds only '
+        raise ValueError(f'{n("patch_sizes")} {_fmt(patch_sizes)}: {n("model_name")} {name} embeds only '
                          f'{patch_size[0]}x{patch_size[1]} patches; other sizes need '
-                         f'--model-kwargs enable_patch_interpolator=True')
+                         f'{n("model_kwargs")} enable_patch_interpolator=True')
     return patch_size
 
 
@@ -281,6 +312,7 @@ def create_naflex_mixup(
         mixup_mode: str = 'batch',
         smoothing: float = 0.1,
         mixup_off_epoch: int = 0,
+        names: Names = None,
 ) -> Optional[Any]:
     """The Mixup/CutMix of the NaFlex training loader, as timm's ``train.py`` builds it.
 
@@ -288,6 +320,8 @@ def create_naflex_mixup(
     :class:`timm.data.NaFlexMixup`, to pass as ``mixup_fn`` to :func:`create_naflex_train_loader`; the
     loader then yields B x C soft targets (smoothed by ``smoothing``) and the training step must not
     apply a Mixup of its own. ``--mixup-off-epoch`` takes effect through :func:`set_naflex_epoch`.
+    ``names`` maps keywords to how the messages name them (train.py passes its flags); default: the
+    keyword (the messages also name ``naflex_loader``).
 
     Raises:
         ValueError: ``--cutmix-minmax`` given or ``--mixup-mode`` other than 'batch' (the NaFlex
@@ -295,7 +329,7 @@ def create_naflex_mixup(
     """
     if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None):
         return None
-    _check_naflex_mixup(cutmix_minmax, mixup_mode)
+    _check_naflex_mixup(cutmix_minmax, mixup_mode, _namer(names))
     from timm.data import NaFlexMixup
     return NaFlexMixup(
         num_classes=num_classes,
@@ -343,32 +377,25 @@ def create_naflex_train_loader(
         patchify_channels_first: bool = False,
         mixup_fn: Optional[Any] = None,
         no_aug: bool = False,
-        reprob: float = 0.0,
-        remode: str = 'pixel',
-        recount: int = 1,
-        resplit: bool = False,
+        reprob: float = 0.0, remode: str = 'pixel', recount: int = 1, resplit: bool = False,
         train_crop_mode: Optional[str] = None,
         scale: Optional[Sequence[float]] = (0.08, 1.0),
         ratio: Optional[Sequence[float]] = (3. / 4., 4. / 3.),
-        hflip: float = 0.5,
-        vflip: float = 0.0,
-        color_jitter: float = 0.4,
-        color_jitter_prob: Optional[float] = None,
-        grayscale_prob: float = 0.0,
-        gaussian_blur_prob: float = 0.0,
+        hflip: float = 0.5, vflip: float = 0.0,
+        color_jitter: float = 0.4, color_jitter_prob: Optional[float] = None,
+        grayscale_prob: float = 0.0, gaussian_blur_prob: float = 0.0,
         auto_augment: Optional[str] = None,
         train_interpolation: Optional[str] = 'random',
         workers: int = 4,
         worker_seeding: str = 'all',
-        distributed: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        distributed: bool = False, rank: int = 0, world_size: int = 1,
         seed: int = 42,
         epoch: int = 0,
         use_prefetcher: bool = True,
         pin_memory: bool = False,
         img_dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device] = 'cuda',
+        names: Names = None,
 ) -> Any:
     """The NaFlex training loader, built as timm's ``train.py --naflex-loader`` builds it.
 
@@ -400,6 +427,7 @@ def create_naflex_train_loader(
         pin_memory: ``--pin-mem``.
         img_dtype: ``--model-dtype`` (patches are cast to it by the prefetcher).
         device: the training device.
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword.
 
     Returns:
         A loader of ``(input dict, target)`` batches (a ``NaFlexPrefetchLoader`` with the prefetcher,
@@ -409,54 +437,74 @@ def create_naflex_train_loader(
         ValueError: the dataset has a transform of its own, or an option is invalid.
     """
     from timm.data import create_naflex_loader
-    if getattr(dataset, 'transform', None) is not None:
-        raise ValueError(f'--naflex-loader: the training dataset ({type(dataset).__name__}) already has a transform; '
-                         f'the NaFlex loader makes its own per sequence length, so the dataset must yield PIL images '
-                         f'(transform=None)')
+    _check_untransformed(dataset, _namer(names))
     check_naflex_options(naflex_loader=True, batch_size=batch_size, train_seq_lens=train_seq_lens,
-                         patch_sizes=patch_sizes, patch_size_probs=patch_size_probs)
+                         patch_sizes=patch_sizes, patch_size_probs=patch_size_probs, names=names)
+    augmentation = _train_augmentation_kwargs(
+        data_config, no_aug=no_aug, reprob=reprob, remode=remode, recount=recount, resplit=resplit,
+        train_crop_mode=train_crop_mode, scale=scale, ratio=ratio, hflip=hflip, vflip=vflip,
+        color_jitter=color_jitter, color_jitter_prob=color_jitter_prob, grayscale_prob=grayscale_prob,
+        gaussian_blur_prob=gaussian_blur_prob, auto_augment=auto_augment, train_interpolation=train_interpolation)
+    return create_naflex_loader(
+        dataset=dataset, train_seq_lens=tuple(train_seq_lens), mixup_fn=mixup_fn,
+        rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+        **_patch_size_kwargs(model_patch_size, patch_sizes, patch_size_probs),
+        **_common_kwargs(data_config, patchify_channels_first, distributed, use_prefetcher, pin_memory,
+                         img_dtype, device),
+        batch_size=batch_size, is_training=True, **augmentation,
+        num_workers=workers, worker_seeding=worker_seeding,
+    )
+
+
+def _check_untransformed(dataset: Any, n: Callable[[str], str]) -> None:
+    """The training dataset must yield PIL images: the NaFlex loader makes the transforms."""
+    if getattr(dataset, 'transform', None) is not None:
+        raise ValueError(f'{n("naflex_loader")}: the training dataset ({type(dataset).__name__}) already has a '
+                         f'transform; the NaFlex loader makes its own per sequence length, so the dataset must '
+                         f'yield PIL images (transform=None)')
+
+
+def _patch_size_kwargs(
+        model_patch_size: IntOrPair,
+        patch_sizes: Optional[Sequence[int]],
+        patch_size_probs: Optional[Sequence[float]],
+) -> Dict[str, Any]:
+    """timm's patch size keywords: the model's one patch size, or the sizes to draw from and their weights."""
+    if not patch_sizes:
+        return dict(patch_size=_pair(model_patch_size))
+    kwargs: Dict[str, Any] = dict(patch_size_choices=list(patch_sizes))
+    if patch_size_probs:
+        kwargs['patch_size_choice_probs'] = list(patch_size_probs)
+    return kwargs
+
+
+def _train_augmentation_kwargs(
+        data_config: Mapping[str, Any],
+        *,
+        no_aug: bool, reprob: float, remode: str, recount: int, resplit: bool,
+        train_crop_mode: Optional[str],
+        scale: Optional[Sequence[float]],
+        ratio: Optional[Sequence[float]],
+        hflip: float, vflip: float,
+        color_jitter: float, color_jitter_prob: Optional[float],
+        grayscale_prob: float, gaussian_blur_prob: float,
+        auto_augment: Optional[str],
+        train_interpolation: Optional[str],
+) -> Dict[str, Any]:
+    """timm's augmentation keywords from train.py's flag names: random erasing as ``re_*``, the
+    interpolation (the data config's when ``train_interpolation`` is empty or with ``no_aug``), and
+    neither repeated augmentation nor augmentation splits."""
     interpolation = train_interpolation
     if no_aug or not interpolation:
         interpolation = data_config['interpolation']
-    if patch_sizes:
-        patch_kwargs: Dict[str, Any] = dict(patch_size_choices=list(patch_sizes))
-        if patch_size_probs:
-            patch_kwargs['patch_size_choice_probs'] = list(patch_size_probs)
-    else:
-        patch_kwargs = dict(patch_size=_pair(model_patch_size))
-    return create_naflex_loader(
-        dataset=dataset,
-        train_seq_lens=tuple(train_seq_lens),
-        mixup_fn=mixup_fn,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        epoch=epoch,
-        **patch_kwargs,
-        **_common_kwargs(data_config, patchify_channels_first, distributed, use_prefetcher, pin_memory,
-                         img_dtype, device),
-        batch_size=batch_size,
-        is_training=True,
-        no_aug=no_aug,
-        re_prob=reprob,
-        re_mode=remode,
-        re_count=recount,
-        re_split=resplit,
+    return dict(
+        no_aug=no_aug, re_prob=reprob, re_mode=remode, re_count=recount, re_split=resplit,
         train_crop_mode=train_crop_mode,
         scale=tuple(scale) if scale is not None else None,
         ratio=tuple(ratio) if ratio is not None else None,
-        hflip=hflip,
-        vflip=vflip,
-        color_jitter=color_jitter,
-        color_jitter_prob=color_jitter_prob,
-        grayscale_prob=grayscale_prob,
-        gaussian_blur_prob=gaussian_blur_prob,
-        auto_augment=auto_augment,
-        num_aug_repeats=0,
-        num_aug_splits=0,
-        interpolation=interpolation,
-        num_workers=workers,
-        worker_seeding=worker_seeding,
+        hflip=hflip, vflip=vflip, color_jitter=color_jitter, color_jitter_prob=color_jitter_prob,
+        grayscale_prob=grayscale_prob, gaussian_blur_prob=gaussian_blur_prob, auto_augment=auto_augment,
+        num_aug_repeats=0, num_aug_splits=0, interpolation=interpolation,
     )
 
 
@@ -474,6 +522,7 @@ def create_naflex_eval_loader(
         pin_memory: bool = False,
         img_dtype: Optional[torch.dtype] = None,
         device: Union[str, torch.device] = 'cuda',
+        names: Names = None,
 ) -> Any:
     """The NaFlex evaluation loader, built as timm's ``train.py --naflex-loader`` builds it.
 
@@ -495,13 +544,13 @@ def create_naflex_eval_loader(
         pin_memory: ``--pin-mem``.
         img_dtype: ``--model-dtype``.
         device: the evaluation device.
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword.
 
     Returns:
         A loader of ``(input dict, target)`` batches.
     """
     from timm.data import create_naflex_loader
-    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
-        raise ValueError(f'--naflex-max-seq-len {max_seq_len}: expected a positive integer (patches per image)')
+    _check_max_seq_len(max_seq_len, _namer(names))
     return create_naflex_loader(
         dataset=dataset,
         patch_size=_pair(model_patch_size),
@@ -580,7 +629,7 @@ def prepare_naflex_input(
     return out, target.to(device=device, non_blocking=True)
 
 
-def naflex_loss_scale(batch_size: int, base_batch_size: int, mode: str = 'linear') -> float:
+def naflex_loss_scale(batch_size: int, base_batch_size: int, mode: str = 'linear', *, names: Names = None) -> float:
     """The factor timm's ``train.py`` multiplies a NaFlex batch's loss by (``--naflex-loss-scale``).
 
     Batches of short sequences hold more samples; 'linear' weighs a batch by its size relative to
@@ -591,6 +640,7 @@ def naflex_loss_scale(batch_size: int, base_batch_size: int, mode: str = 'linear
         batch_size: samples in this batch (:func:`batch_size_of`).
         base_batch_size: ``--batch-size``.
         mode: 'none', 'sqrt' or 'linear'.
+        names: keyword -> how the messages name it; default: the keyword (``mode``, ``base_batch_size``).
 
     Returns:
         The factor (1.0 for 'none').
@@ -600,12 +650,13 @@ def naflex_loss_scale(batch_size: int, base_batch_size: int, mode: str = 'linear
         with 'sqrt' (``if local_scale == 'sqrt'``), so there 'sqrt' scales linearly; here 'sqrt'
         takes the square root, as the flag says.
     """
+    n = _namer(names)
     if mode not in NAFLEX_LOSS_SCALES:
-        raise ValueError(f'--naflex-loss-scale {mode!r}: expected one of {", ".join(NAFLEX_LOSS_SCALES)}')
+        raise ValueError(f'{n("mode")} {mode!r}: expected one of {", ".join(NAFLEX_LOSS_SCALES)}')
     if mode == 'none':
         return 1.0
     if base_batch_size <= 0:
-        raise ValueError(f'--batch-size {base_batch_size}: expected a positive integer')
+        raise ValueError(f'{n("base_batch_size")} {base_batch_size}: expected a positive integer')
     ratio = batch_size / base_batch_size
     return math.sqrt(ratio) if mode == 'sqrt' else ratio
 

@@ -14,13 +14,17 @@ import dataclasses
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-__all__ = ['RECORD_KEY', 'RECORD_VERSION', 'DataRecord', 'DistillationRecord', 'LossRecord', 'ModelRecord',
-           'RunRecord', 'TrainingRecord', 'from_training_arguments']
+from .calibration import CalibrationFit
+
+__all__ = ['RECORD_KEY', 'RECORD_VERSION', 'DataRecord', 'DistillationRecord', 'EvaluationRecord', 'LossRecord',
+           'ModelRecord', 'RunRecord', 'TrainingRecord', 'from_training_arguments']
 
 #: The checkpoint key the record is saved under.
 RECORD_KEY = 'run_record'
 #: The version this code writes; it reads every version up to it (0: checkpoints with only ``args``).
-RECORD_VERSION = 1
+#: Version 2 added the data source's details (crop mode, class map, image mode, keys), the pretrained-weights file,
+#: the training command, and the evaluation and calibration sections; a version-1 record reads with them unset.
+RECORD_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,7 @@ class ModelRecord:
         input_size: ``(channels, height, width)`` of the training input, when recorded.
         pretrained: whether it started from timm's pretrained weights for ``architecture``.
         initial_checkpoint: the checkpoint it started from, when one was given.
+        pretrained_path: the file the pretrained weights were read from instead of timm's, when one was given.
         global_pool: the pooling given to ``timm.create_model`` (None: the model's own).
         kwargs: extra keyword arguments of ``timm.create_model``.
     """
@@ -43,6 +48,7 @@ class ModelRecord:
     input_size: Optional[Tuple[int, int, int]] = None
     pretrained: bool = False
     initial_checkpoint: Optional[str] = None
+    pretrained_path: Optional[str] = None
     global_pool: Optional[str] = None
     kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -62,7 +68,10 @@ class DataRecord:
         samples_per_class: training images kept per class, None for all.
         seed: the seed of the draws (and of training).
         mean, std: the normalisation.
-        crop_pct, interpolation: the evaluation transform's crop and resize.
+        crop_pct, interpolation, crop_mode: the evaluation transform's crop and resize.
+        class_map: the file mapping class names to label ids, when one was given (timm's ``class_map``).
+        input_img_mode: the image mode the images were read in (``'RGB'``, ``'L'``), when given.
+        input_key, target_key: the image and label columns of a Hub dataset, when given.
     """
     dataset: str = ''
     root: Optional[str] = None
@@ -77,6 +86,11 @@ class DataRecord:
     std: Optional[List[float]] = None
     crop_pct: Optional[float] = None
     interpolation: str = ''
+    crop_mode: Optional[str] = None
+    class_map: str = ''
+    input_img_mode: Optional[str] = None
+    input_key: Optional[str] = None
+    target_key: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +139,8 @@ class TrainingRecord:
         epochs, batch_size, lr, optimizer, scheduler: as trained.
         workers: data-loader processes (each draws its own augmentations, so it changes the batches).
         eval_metric: the metric the best checkpoint was chosen by.
+        command: the ``train.py`` command line that runs it again (the data root shown as ``path/to/FOLDER``),
+            when the training command line recorded one.
     """
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
@@ -133,6 +149,20 @@ class TrainingRecord:
     scheduler: Optional[str] = None
     workers: Optional[int] = None
     eval_metric: str = 'top1'
+    command: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRecord:
+    """The validation of the checkpoint's weights at the epoch it was saved after.
+
+    Attributes:
+        epoch: that epoch (0-based).
+        metrics: the validation metrics (``loss``, ``top1``, ``top5``, ``nll``, ``ece``; percent for the last
+            three but ``nll``).
+    """
+    epoch: int
+    metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +174,21 @@ class RunRecord:
             checkpoint that held only its training arguments).
         model, data, loss, training: the sections.
         distillation: the teacher, None without distillation.
+        evaluation: the validation of this checkpoint's weights, None before the first evaluated epoch.
+        calibration: the temperature fitted after training for this checkpoint's weights, None until then.
     """
     model: ModelRecord
     data: DataRecord = dataclasses.field(default_factory=DataRecord)
     loss: LossRecord = dataclasses.field(default_factory=LossRecord)
     training: TrainingRecord = dataclasses.field(default_factory=TrainingRecord)
     distillation: Optional[DistillationRecord] = None
+    evaluation: Optional[EvaluationRecord] = None
+    calibration: Optional[CalibrationFit] = None
     version: int = RECORD_VERSION
+
+    def replace(self, **sections: Any) -> 'RunRecord':
+        """A copy with the given sections replaced (``record.replace(evaluation=...)``)."""
+        return dataclasses.replace(self, **sections)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain data for a checkpoint (lists for tuples)."""
@@ -178,29 +216,40 @@ class RunRecord:
             model = dict(value['model'])
             if model.get('input_size') is not None:
                 model['input_size'] = tuple(model['input_size'])
-            teacher = value.get('distillation')
+            teacher, evaluation = value.get('distillation'), value.get('evaluation')
             return cls(model=ModelRecord(**model), data=DataRecord(**value.get('data', {})),
                        loss=LossRecord(**value.get('loss', {})), training=TrainingRecord(**value.get('training', {})),
                        distillation=None if teacher is None else DistillationRecord(**teacher),
+                       evaluation=None if evaluation is None else EvaluationRecord(**evaluation),
+                       calibration=CalibrationFit.from_dict(value.get('calibration')),
                        version=value['version'])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f'run record does not fit version {value["version"]}: {e}') from e
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> 'RunRecord':
         """The record of a loaded training checkpoint: its ``run_record``, else (version 0) one read from its
-        saved training arguments.
+        saved training arguments; a temperature fitted before records kept it (the checkpoint's ``calibration``
+        entry) goes into its calibration section.
 
         Raises:
             ValueError: neither is there, or the record is malformed or of a newer version.
         """
         if checkpoint.get(RECORD_KEY) is not None:
-            return cls.from_dict(checkpoint[RECORD_KEY])
-        args = checkpoint.get('args')
-        args = args if isinstance(args, Mapping) or args is None else vars(args)
-        if not isinstance(args, Mapping) or not args.get('model'):
-            raise ValueError("checkpoint holds neither a run record nor training arguments naming the model")
-        return from_training_arguments(args, version=0)
+            record = cls.from_dict(checkpoint[RECORD_KEY])
+        else:
+            args = checkpoint.get('args')
+            args = args if isinstance(args, Mapping) or args is None else vars(args)
+            if not isinstance(args, Mapping) or not args.get('model'):
+                raise ValueError("checkpoint holds neither a run record nor training arguments naming the model")
+            record = from_training_arguments(args, version=0)
+        if record.calibration is None and checkpoint.get('calibration') is not None:
+            # Written before the record kept it: the checkpoint's own 'calibration' entry.
+            try:
+                record = record.replace(calibration=CalibrationFit.from_dict(checkpoint['calibration']))
+            except ValueError as e:
+                raise ValueError(f"its 'calibration' entry is malformed: {e}") from e
+        return record
 
 
 def _get(args: Mapping[str, Any], name: str, default: Any = None) -> Any:
@@ -214,11 +263,17 @@ def _folder(path: Any) -> Optional[str]:
     return os.path.basename(os.path.normpath(str(path))) or None
 
 
-def from_training_arguments(args: Mapping[str, Any], version: int = RECORD_VERSION) -> RunRecord:
+def from_training_arguments(args: Mapping[str, Any], version: int = RECORD_VERSION,
+                            command: Optional[str] = None) -> RunRecord:
     """Read a record from the training arguments a checkpoint saves (``train.py``'s namespace as a dict).
 
     The format of those arguments is what checkpoints of version 0 hold; ``train.py`` also builds its own record
     with it, so that both read alike.
+
+    Args:
+        args: the arguments.
+        version: the version the record says it is (0 for one read from an old checkpoint).
+        command: the training command line (:attr:`TrainingRecord.command`), when the caller renders one.
     """
     input_size = args.get('input_size')
     # As train.py builds the model: --in-chans, else the channels of --input-size, else timm's 3.
@@ -232,7 +287,8 @@ def from_training_arguments(args: Mapping[str, Any], version: int = RECORD_VERSI
             architecture=str(args['model']), num_classes=args.get('num_classes'), in_chans=in_chans,
             input_size=None if input_size is None else tuple(int(s) for s in input_size),
             pretrained=bool(args.get('pretrained')), initial_checkpoint=args.get('initial_checkpoint') or None,
-            global_pool=args.get('gp') or None, kwargs=dict(_get(args, 'model_kwargs', {}))),
+            pretrained_path=args.get('pretrained_path') or None, global_pool=args.get('gp') or None,
+            kwargs=dict(_get(args, 'model_kwargs', {}))),
         data=DataRecord(
             dataset=_get(args, 'dataset', ''), root=args.get('data_dir') or args.get('data') or None,
             folder=_folder(args.get('data_dir') or args.get('data')),
@@ -242,7 +298,10 @@ def from_training_arguments(args: Mapping[str, Any], version: int = RECORD_VERSI
             samples_per_class=args.get('samples_per_class') or None, seed=args.get('seed'),
             mean=None if args.get('mean') is None else [float(v) for v in args['mean']],
             std=None if args.get('std') is None else [float(v) for v in args['std']],
-            crop_pct=args.get('crop_pct'), interpolation=_get(args, 'interpolation', '')),
+            crop_pct=args.get('crop_pct'), interpolation=_get(args, 'interpolation', ''),
+            crop_mode=args.get('crop_mode') or None, class_map=_get(args, 'class_map', ''),
+            input_img_mode=args.get('input_img_mode') or None, input_key=args.get('input_key') or None,
+            target_key=args.get('target_key') or None),
         loss=LossRecord(
             kind=str(loss), group_type=args.get('gsl_type') if loss == 'gsl' else None,
             groups=args.get('gsl_groups') if loss == 'gsl' else None,
@@ -252,6 +311,6 @@ def from_training_arguments(args: Mapping[str, Any], version: int = RECORD_VERSI
         training=TrainingRecord(
             epochs=args.get('epochs'), batch_size=args.get('batch_size'), lr=args.get('lr'),
             optimizer=args.get('opt'), scheduler=args.get('sched'), workers=args.get('workers'),
-            eval_metric=_get(args, 'eval_metric', 'top1')),
+            eval_metric=_get(args, 'eval_metric', 'top1'), command=command),
         distillation=None if not teacher else DistillationRecord(str(teacher), _get(args, 'kd_distill_type', 'logit')),
         version=version)

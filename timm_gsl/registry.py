@@ -1,4 +1,4 @@
-"""Registration with timm's model factory: ``timm.create_model('group_softmax', base_model=...)``.
+"""timm's model factory: the ``group_softmax`` entrypoint, and a run's model created again from its record.
 
 Importing :mod:`timm_gsl` registers one entrypoint, ``group_softmax``. It creates the *base*
 architecture with timm (pretrained weights, ``num_classes`` and every other keyword pass through)
@@ -8,15 +8,40 @@ from it names ``resnet50``, never ``group_softmax``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import timm
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import register_model, resolve_model_input_args
 
 from .head import convert_model
+from .record import ModelRecord
 
-__all__ = ['group_softmax']
+__all__ = ['create_model_from_record', 'group_softmax']
+
+
+def create_model_from_record(spec: ModelRecord, input_options: Optional[Mapping[str, Any]] = None,
+                             **overrides: Any) -> nn.Module:
+    """The architecture of a run, created with ``timm.create_model`` as training created it.
+
+    The architecture, classes, input channels, global pooling and model keyword arguments come from ``spec``;
+    timm resolves the input size as its own scripts do (:func:`timm.models.resolve_model_input_args`: a model
+    with a fixed input size is built for the size asked). No weights are loaded unless ``overrides`` ask
+    (``pretrained=True``).
+
+    Args:
+        spec: the model section of a run record.
+        input_options: the input requested (``img_size``, ``input_size``, ``in_chans``), when any.
+        **overrides: other ``timm.create_model`` arguments (``pretrained``, ``scriptable``, ...); they win over
+            ``spec``.
+
+    Returns:
+        The model (in training mode, as timm returns it).
+    """
+    options = dict(pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans,
+                   global_pool=spec.global_pool, **spec.kwargs)
+    options.update(overrides)
+    return timm.create_model(**resolve_model_input_args(spec.architecture, dict(input_options or {}), **options))
 
 
 @register_model

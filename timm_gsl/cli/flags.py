@@ -8,17 +8,38 @@ compare them with the flag lists of timm's own scripts); where timm's two script
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Optional, Union
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional, Union
 
 from timm.utils import ParseKwargs
 
 __all__ = [
-    'DATA_FLAGS', 'add_dataset_flags', 'add_device_flags', 'add_loader_flags', 'add_model_flags',
+    'DATA_FLAGS', 'NAFLEX_FLAGS', 'add_dataset_flags', 'add_device_flags', 'add_loader_flags', 'add_model_flags',
     'add_naflex_flags', 'class_subset_value', 'dataset_root', 'input_channels',
 ]
 
 # Options that name the data; with none of them set, the commands use the embedded Fashion-MNIST subset.
 DATA_FLAGS = ('data', 'data_dir', 'dataset')
+
+# How the commands' messages name the keywords of timm_gsl.naflex (its ``names`` argument): keyword -> flag.
+# The NaFlex flags are declared in add_naflex_flags; the others belong to the model, batch and augmentation.
+NAFLEX_FLAGS: Mapping[str, str] = MappingProxyType({
+    'naflex_loader': '--naflex-loader',
+    'train_seq_lens': '--naflex-train-seq-lens',
+    'max_seq_len': '--naflex-max-seq-len',
+    'patch_sizes': '--naflex-patch-sizes',
+    'patch_size_probs': '--naflex-patch-size-probs',
+    'loss_scale': '--naflex-loss-scale',
+    'patchify_channels_first': '--naflex-patchify-channels-first',
+    'model_name': '--model',
+    'model_kwargs': '--model-kwargs',
+    'batch_size': '--batch-size',
+    'aug_splits': '--aug-splits',
+    'aug_repeats': '--aug-repeats',
+    'cutmix': '--cutmix',
+    'cutmix_minmax': '--cutmix-minmax',
+    'mixup_mode': '--mixup-mode',
+})
 
 
 def class_subset_value(value: str) -> Union[int, str]:

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm import utils
@@ -46,17 +46,17 @@ from ..engine import check_checkpoint_fits, format_summary, plot_learning_curves
 from ..engine import train_one_epoch, write_text_atomic
 from ..hub import HubPublishError, push_checkpoint
 from ..loss_factory import GSL_AUTO_THRESHOLD, resolve_gsl_type
-from ..record import RECORD_KEY, from_training_arguments
+from ..record import RECORD_KEY, EvaluationRecord, RunRecord, from_training_arguments
 from ..naflex import check_naflex_model, set_naflex_epoch
 from .common import exit_with_error, resolve_device, setup_logging
-from .flags import input_channels
+from .flags import NAFLEX_FLAGS, input_channels
 from .train_build import Datasets, Loaders, Precision, Settings, adapt_batch_norm, build_datasets, build_loaders
 from .train_build import build_model, build_naflex_loaders, build_precision, build_schedule, build_settings
 from .train_build import build_task, check_groups_fit, mixup_active, prepare_task, probe_model, read_checkpoints
 from .train_build import check_data_sizes, resolve_classes_and_loss, resolve_learning_rate
 from .train_calibrate import calibrate_checkpoints
-from .train_args import EMBEDDED_RECIPE, apply_embedded_recipe, check_args, format_args, get_args_parser
-from .train_args import loss_name, parse_args, training_command, uses_embedded_recipe
+from .train_args import DISTILLATION_FLAGS, EMBEDDED_RECIPE, apply_embedded_recipe, check_args, format_args
+from .train_args import get_args_parser, loss_name, parse_args, training_command, uses_embedded_recipe
 
 __all__ = [
     'EMBEDDED_RECIPE', 'GSL_AUTO_THRESHOLD', 'Run', 'RunInterrupted', 'Settings', 'apply_embedded_recipe',
@@ -197,7 +197,8 @@ def build_run(args: argparse.Namespace) -> Run:
     # timm reads the NaFlex patch size from the model as created, before anything wraps it.
     naflex_patch_size = check_naflex_model(
         model, model_name=args.model, patch_sizes=args.naflex_patch_sizes,
-        patchify_channels_first=args.naflex_patchify_channels_first) if args.naflex_loader else None
+        patchify_channels_first=args.naflex_patchify_channels_first,
+        names=NAFLEX_FLAGS) if args.naflex_loader else None
     model = adapt_batch_norm(model, args, settings)
     precision = build_precision(args, settings)
     task = build_task(args, settings, model, data_config, precision.model_dtype)
@@ -230,6 +231,7 @@ class _Outputs:
     history: List[Dict[str, Any]] = field(default_factory=list)
     metric_names: Sequence[str] = ()
     folder: Optional[RunFolder] = None
+    record: Optional[RunRecord] = None
 
 
 def _open_outputs(run: Run) -> _Outputs:
@@ -239,11 +241,13 @@ def _open_outputs(run: Run) -> _Outputs:
         return outputs
     outputs.folder = _claim_output_folder(run)
     outputs.output_dir = output_dir = outputs.folder.path
+    config = vars(run.config)
+    outputs.record = from_training_arguments(config, command=training_command(config))
     outputs.saver = AtomicCheckpointSaver(
         model=task.get_trainable_module(), optimizer=run.optimizer, args=run.config,
         amp_scaler=run.precision.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
         decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task,
-        extra_state={RECORD_KEY: from_training_arguments(vars(run.config)).to_dict()})
+        extra_state={RECORD_KEY: outputs.record.to_dict()})
     if args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(output_dir):
         outputs.saver.load_state_dict_from_checkpoint(args.resume)
     write_text_atomic(os.path.join(output_dir, 'args.yaml'), format_args(run.config))
@@ -289,7 +293,8 @@ def _training_state(run: Run, outputs: _Outputs, progress: bool) -> TrainingStat
         synchronize_step=args.synchronize_step, saver=outputs.saver, recovery_interval=args.recovery_interval,
         output_dir=outputs.output_dir, save_images=args.save_images, progress=progress,
         naflex_loss_scale=args.naflex_loss_scale if args.naflex_loader else None,
-        loss_parts=distillation_loss_names(args.kd_distill_type) if args.kd_model_name else ())
+        loss_parts=(distillation_loss_names(args.kd_distill_type, names=DISTILLATION_FLAGS) if args.kd_model_name
+                    else ()))
 
 
 def _tta_options(run: Run) -> Dict[str, Any]:
@@ -383,6 +388,17 @@ def _record_epoch(run: Run, outputs: _Outputs, epoch: int, train_metrics: Dict[s
                              title=_run_title(run), train_targets=_train_targets(run.args))
 
 
+def _save_checkpoints(outputs: _Outputs, epoch: int, eval_metrics: Dict[str, float],
+                      eval_metric: str) -> Tuple[Any, Any]:
+    """The epoch's checkpoints (timm's saver), each with the run record holding the validation of its weights."""
+    evaluation = EvaluationRecord(epoch, {k: float(v) for k, v in eval_metrics.items()}) if eval_metrics else None
+    outputs.saver.extra_state[RECORD_KEY] = outputs.record.replace(evaluation=evaluation).to_dict()
+    try:
+        return outputs.saver.save_checkpoint(epoch, metric=eval_metrics.get(eval_metric))
+    finally:  # recovery checkpoints inside the next epoch hold other weights than those validated
+        outputs.saver.extra_state[RECORD_KEY] = outputs.record.to_dict()
+
+
 def train(run: Run) -> Dict[str, Any]:
     """Run the epochs of a built run: train, evaluate, checkpoint, summarise, plot, publish.
 
@@ -439,8 +455,7 @@ def _train(run: Run, outputs: _Outputs, started: float) -> Dict[str, Any]:
                                      for k in ('loss', 'top1', *CALIBRATION_METRICS))
             _record_epoch(run, outputs, epoch, train_metrics, eval_metrics)
             if outputs.saver is not None:
-                metric = eval_metrics.get(args.eval_metric)
-                best_metric, best_epoch = outputs.saver.save_checkpoint(epoch, metric=metric)
+                best_metric, best_epoch = _save_checkpoints(outputs, epoch, eval_metrics, args.eval_metric)
             if run.lr_scheduler is not None:
                 run.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
     except KeyboardInterrupt as e:  # RunInterrupted too

@@ -41,11 +41,11 @@ from .common import ArgumentParser, check_at_least, check_can_create, check_clas
 from .common import check_model_name, check_pretrained_weights, close_matches, exit_with_error, explicit_dests
 from .common import one_line, repo_id_type
 from .flags import DATA_FLAGS, add_dataset_flags, add_device_flags, add_loader_flags, add_model_flags
-from .flags import add_naflex_flags, dataset_root, input_channels
+from .flags import NAFLEX_FLAGS, add_naflex_flags, dataset_root, input_channels
 
 __all__ = [
-    'CALIBRATION_SOURCES', 'DATA_FLAGS', 'EMBEDDED_RECIPE', 'MIN_CALIBRATION_IMAGES', 'TRAIN_LOSSES',
-    'apply_embedded_recipe', 'calibrates', 'check_args', 'format_args',
+    'CALIBRATION_SOURCES', 'DATA_FLAGS', 'DISTILLATION_FLAGS', 'EMBEDDED_RECIPE', 'MIN_CALIBRATION_IMAGES',
+    'TRAIN_LOSSES', 'apply_embedded_recipe', 'calibrates', 'check_args', 'format_args',
     'get_args_parser', 'loss_name', 'parse_args', 'training_command', 'uses_embedded_recipe',
 ]
 
@@ -360,6 +360,8 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--variable-batch-loss-scale', type=str, default='none', choices=('none', 'sqrt', 'linear'),
                        help='scale the loss of a batch by its size relative to --batch-size (default: none)')
 
+
+def _add_distillation_args(parser: argparse.ArgumentParser) -> None:
     # Knowledge distillation: on the parser itself, as in timm.
     parser.add_argument('--kd-model-name', default=None, type=str,
                         help='teacher for knowledge distillation: a timm model name with pretrained weights, '
@@ -380,6 +382,25 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'],
                         help='token distillation target (default: soft)')
 
+
+DISTILLATION_FLAGS: Dict[str, str] = dict(
+    loss='--loss',
+    teacher='--kd-model-name',
+    distill_type='--kd-distill-type',
+    kd_loss_type='--kd-loss-type',
+    distill_loss_weight='--distill-loss-weight',
+    task_loss_weight='--task-loss-weight',
+    temperature='--kd-temperature',
+    student_feature_dim='--kd-student-feature-dim',
+    teacher_feature_dim='--kd-teacher-feature-dim',
+    token_distill_type='--kd-token-distill-type',
+    teacher_pretrained_path='--kd-pretrained-path',
+)
+"""The flag each keyword of :func:`timm_gsl.distillation.create_distillation_task` stands for: the ``names``
+train.py passes to the distillation functions, so their errors name its flags.
+
+All are timm's ``train.py`` flags except ``--kd-pretrained-path``, which timm's ``train.py`` does not have
+(its ``DistillationTeacher`` takes the path as ``pretrained_path``)."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -409,6 +430,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_fit_args(parser)
     _add_calibration_args(parser)
     _add_misc_args(parser)
+    _add_distillation_args(parser)
     add_naflex_flags(parser, training=True, title='NaFlex loader parameters (NaFlexViT models)')
     return parser
 
@@ -627,7 +649,7 @@ def _check_distillation_flags(args: argparse.Namespace, parser: argparse.Argumen
         task_loss_weight=args.task_loss_weight, temperature=args.kd_temperature,
         student_feature_dim=args.kd_student_feature_dim, teacher_feature_dim=args.kd_teacher_feature_dim,
         token_distill_type=args.kd_token_distill_type, teacher_pretrained_path=args.kd_pretrained_path,
-        num_classes=args.num_classes)
+        num_classes=args.num_classes, names=DISTILLATION_FLAGS)
 
 
 def _check_naflex_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -644,7 +666,7 @@ def _check_naflex_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
         train_seq_lens=args.naflex_train_seq_lens, max_seq_len=args.naflex_max_seq_len,
         patch_sizes=args.naflex_patch_sizes, patch_size_probs=args.naflex_patch_size_probs,
         loss_scale=args.naflex_loss_scale, aug_splits=args.aug_splits, aug_repeats=args.aug_repeats,
-        cutmix_minmax=args.cutmix_minmax, mixup_mode=args.mixup_mode)
+        cutmix_minmax=args.cutmix_minmax, mixup_mode=args.mixup_mode, names=NAFLEX_FLAGS)
     clashing = [flag for flag, on in (('--train-img-sizes', args.train_img_sizes),
                                       ('--train-batches-per-epoch', args.train_batches_per_epoch),
                                       ('--variable-batch-loss-scale', args.variable_batch_loss_scale != 'none'))

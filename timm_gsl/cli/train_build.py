@@ -33,8 +33,8 @@ from ..loss_factory import GSL_AUTO_THRESHOLD, create_classification_loss, resol
 from ..naflex import create_naflex_eval_loader, create_naflex_mixup, create_naflex_train_loader
 from ..task import GroupSoftmaxTask
 from .common import one_line
-from .flags import dataset_root, input_channels
-from .train_args import MIN_CALIBRATION_IMAGES, calibrates, loss_name
+from .flags import NAFLEX_FLAGS, dataset_root, input_channels
+from .train_args import DISTILLATION_FLAGS, MIN_CALIBRATION_IMAGES, calibrates, loss_name
 
 __all__ = [
     'Datasets', 'Loaders', 'Precision', 'Settings', 'adapt_batch_norm', 'build_datasets', 'build_loaders',
@@ -481,7 +481,7 @@ def build_task(args: argparse.Namespace, settings: Settings, model: nn.Module, d
             token_distill_type=args.kd_token_distill_type, num_classes=settings.num_classes,
             in_chans=input_channels(args), teacher_pretrained_path=args.kd_pretrained_path,
             input_mean=data_config['mean'], input_std=data_config['std'], device=device, dtype=model_dtype,
-            grouping_statistics=loss == 'gsl', verbose=settings.primary)
+            grouping_statistics=loss == 'gsl', verbose=settings.primary, names=DISTILLATION_FLAGS)
     if loss == 'gsl':
         return GroupSoftmaxTask(model, criterion=criterion, device=device, grouping_statistics=True)
     return ClassificationTask(model, criterion=criterion, device=device)
@@ -624,11 +624,11 @@ def build_naflex_loaders(args: argparse.Namespace, settings: Settings, datasets:
     mixup = create_naflex_mixup(
         num_classes=settings.num_classes, mixup=args.mixup, cutmix=args.cutmix, cutmix_minmax=args.cutmix_minmax,
         mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode,
-        smoothing=args.smoothing, mixup_off_epoch=args.mixup_off_epoch)
+        smoothing=args.smoothing, mixup_off_epoch=args.mixup_off_epoch, names=NAFLEX_FLAGS)
     common = dict(data_config=data_config, model_patch_size=patch_size,
                   patchify_channels_first=args.naflex_patchify_channels_first, workers=args.workers,
                   distributed=settings.distributed, use_prefetcher=not args.no_prefetcher, pin_memory=args.pin_mem,
-                  img_dtype=precision.model_dtype, device=settings.device)
+                  img_dtype=precision.model_dtype, device=settings.device, names=NAFLEX_FLAGS)
     train = create_naflex_train_loader(
         datasets.train, batch_size=args.batch_size, train_seq_lens=args.naflex_train_seq_lens,
         patch_sizes=args.naflex_patch_sizes, patch_size_probs=args.naflex_patch_size_probs, mixup_fn=mixup,

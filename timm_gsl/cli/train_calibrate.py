@@ -3,8 +3,9 @@
 For ``model_best.pth.tar`` and ``last.pth.tar`` (once when they hold the same epoch) the published model is
 rebuilt from the file (:func:`timm_gsl.hub.build_model`, so T belongs to exactly those weights), its logits are
 computed on the calibration images and on the validation images, T is fitted
-(:mod:`timm_gsl.calibration`), and the checkpoint gets a ``calibration`` entry
-(:meth:`~timm_gsl.calibration.CalibrationFit.to_dict`) that ``python -m timm_gsl export|push`` fold into the
+(:mod:`timm_gsl.calibration`), and the fit goes into the checkpoint's run record (its ``calibration`` section)
+and, for readers of older checkpoints, into a ``calibration`` entry
+(:meth:`~timm_gsl.calibration.CalibrationFit.to_dict`); ``python -m timm_gsl export|push`` fold it into the
 classifier. Runs on the primary process, with loaders of its own.
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..calibration import CalibrationFit, calibrate_cross_fitted, calibrate_held_out
-from ..engine import add_checkpoint_entry, predict
+from ..engine import add_checkpoint_entries, predict
 from ..hub import build_model, load_training_checkpoint
+from ..record import RECORD_KEY
 from .train_args import MIN_CALIBRATION_IMAGES
 
 __all__ = ['CALIBRATED_CHECKPOINTS', 'calibrate_checkpoints', 'format_calibration']
@@ -89,6 +91,10 @@ def calibrate_checkpoints(output_dir: str, loaders: Any, source: str, eval_optio
             done[key] = _fit(model, loaders, source, eval_options, seed, 'ema' if checkpoint.used_ema else 'model')
             del model
         fits[name] = done[key]
-        add_checkpoint_entry(path, 'calibration', fits[name].to_dict())
+        # Both in the run record and, for readers of older checkpoints, as the checkpoint's own entry.
+        entries = {'calibration': fits[name].to_dict()}
+        if checkpoint.record.version > 0:
+            entries[RECORD_KEY] = checkpoint.record.replace(calibration=fits[name]).to_dict()
+        add_checkpoint_entries(path, entries)
         _logger.info(format_calibration(fits[name], name))
     return fits.get('model_best.pth.tar') or fits.get('last.pth.tar')

@@ -2,8 +2,8 @@
 
 The command line is timm's (every flag, same name, default and meaning) plus ``--class-subset``.
 The evaluation is timm's too: the data config comes from :func:`timm.data.resolve_input_data_config`,
-the images from :func:`timm.data.create_loader` with its eval transforms, the metric from
-:func:`timm.utils.accuracy`, so on the same checkpoint and data top-1 and top-5 equal those of timm's
+the images from :func:`timm.data.create_loader` with its eval transforms, the metrics from timm's
+``ClassificationEvaluator``, so on the same checkpoint and data top-1 and top-5 equal those of timm's
 own script. What this front adds:
 
 * with no data flags (``data``, ``--data-dir``, ``--dataset``) it evaluates on the validation split of
@@ -12,9 +12,11 @@ own script. What this front adds:
 * a checkpoint that records its training classes' names scores a dataset that names its classes (an image
   folder) by name: a folder with some of the trained classes is scored with the model's label ids for them,
   one with a class the model was not trained on is refused;
-* a checkpoint written by our ``train.py`` keeps its training arguments under ``args``; every option
-  the user did not pass that the checkpoint records (model, number of classes, input size and
-  preprocessing, training data, class subset, seed) is taken from it, and the log says which;
+* a checkpoint written by our ``train.py`` carries its run record (:class:`timm_gsl.record.RunRecord`; for
+  older checkpoints, read from their training arguments); every option the user did not pass that the
+  record holds (model, number of classes, input size and preprocessing, training data, class subset, seed)
+  is taken from it, and the log says which; the options as parsed are never changed;
+* the evaluation is train.py's (:func:`timm_gsl.engine.evaluate`), so both measure alike;
 * ``--device cuda`` falls back to the CPU with a notice when CUDA is absent;
 * ``--metrics-avg`` is computed here, without scikit-learn;
 * ``--results-file`` is written to a temporary name and renamed.
@@ -29,26 +31,24 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import glob
 import io
 import json
 import logging
 import os
 import sys
-import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import RealLabelsImagenet, create_loader, resolve_input_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
-from timm.models import create_model, is_model, list_models, load_checkpoint, resolve_model_input_args
+from timm.models import is_model, list_models, load_checkpoint
 from timm.utils import (
-    AverageMeter,
-    accuracy,
     check_batch_size_retry,
     decay_batch_step,
     natural_key,
@@ -58,10 +58,11 @@ from timm.utils import (
 )
 
 from .. import data as gsl_data
-from ..calibration import CalibrationFit, CalibrationMeter
+from ..calibration import CalibrationMeter
 from ..data.conditions import relabel_to_class_names
-from ..engine import check_checkpoint_fits, read_checkpoint, write_text_atomic
-from ..naflex import is_naflex_batch, prepare_naflex_input
+from ..engine import check_checkpoint_fits, evaluate, read_checkpoint, write_text_atomic
+from ..record import RECORD_KEY, DataRecord, ModelRecord, RunRecord
+from ..registry import create_model_from_record
 from .common import ArgumentParser, check_at_least, check_can_create, check_class_subset, check_file
 from .common import check_model_name, check_pretrained_weights, exit_with_error, explicit_dests, one_line
 from .common import resolve_device, setup_logging
@@ -91,18 +92,61 @@ AMP_DTYPES = ('float16', 'bfloat16')
 # Pretrained tags that were not trained on ImageNet-1k, left out of `--model all` as timm does.
 _NOT_IN1K_FILTERS = ('*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer')
 
-# Training arguments a checkpoint may record, taken when the user passed none of them. Model and
-# preprocessing options reproduce the model and the eval transform that training used.
-_MODEL_ARGS = (
-    'model', 'num_classes', 'in_chans', 'img_size', 'input_size', 'crop_pct', 'crop_mode', 'mean', 'std',
-    'interpolation', 'gp', 'model_kwargs',
+# What a checkpoint's run record supplies for the flags the user did not pass (flag dest -> its value in the
+# record, None when the record holds none). Model and preprocessing settings reproduce the model and the eval
+# transform that training used; the class subset and its seed, the classes it evaluated.
+_RECORDED_SETTINGS: Tuple[Tuple[str, Callable[[RunRecord], Any]], ...] = (
+    ('model', lambda r: r.model.architecture),
+    ('num_classes', lambda r: r.model.num_classes),
+    ('in_chans', lambda r: r.model.in_chans),
+    ('input_size', lambda r: None if r.model.input_size is None else list(r.model.input_size)),
+    ('gp', lambda r: r.model.global_pool),
+    ('model_kwargs', lambda r: dict(r.model.kwargs)),
+    ('mean', lambda r: r.data.mean),
+    ('std', lambda r: r.data.std),
+    ('crop_pct', lambda r: r.data.crop_pct),
+    ('crop_mode', lambda r: r.data.crop_mode),
+    ('interpolation', lambda r: r.data.interpolation or None),
+    ('class_subset', lambda r: None if r.data.class_subset is None else class_subset_value(r.data.class_subset)),
+    ('seed', lambda r: r.data.seed),
 )
-# The data conditions of the paper's experiments; samples_per_class only thins the training split,
-# it is carried along so the dataset is built with the very arguments training used.
-_CONDITION_ARGS = ('class_subset', 'samples_per_class', 'seed')
 # Where the data came from: taken only when the user passed no data flag at all.
 _DATA_SOURCE_FLAGS = ('data', 'data_dir', 'dataset')
-_DATA_ARGS = ('data_dir', 'dataset', 'class_map', 'input_img_mode', 'input_key', 'target_key')
+_RECORDED_SOURCE: Tuple[Tuple[str, Callable[[RunRecord], Any]], ...] = (
+    ('data_dir', lambda r: r.data.root),
+    ('dataset', lambda r: r.data.dataset or None),
+    ('class_map', lambda r: r.data.class_map or None),
+    ('input_img_mode', lambda r: r.data.input_img_mode),
+    ('input_key', lambda r: r.data.input_key),
+    ('target_key', lambda r: r.data.target_key),
+    ('split', lambda r: r.data.eval_split),
+)
+# The flags timm's resolve_input_data_config and resolve_model_input_args read.
+_INPUT_FLAGS = ('img_size', 'input_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Evaluation:
+    """What one validation evaluates, resolved once from the flags as parsed and the checkpoint's run record.
+
+    Attributes:
+        model: the model to create (architecture, classes, channels, pooling, keyword arguments, whether timm's
+            pretrained weights are loaded).
+        data: the images: dataset, root (None for the embedded dataset), split (``eval_split``), class map,
+            image mode and keys, the class subset with its seed, the trained class names.
+        input_options: the input size and eval transform as timm's resolve functions read them.
+        data_flags: the data as the user (or the checkpoint) named it, for messages.
+        subset_recorded: whether the class subset came from the checkpoint (not the command line).
+        temperature: the temperature the checkpoint's training fitted for the weights evaluated, or None.
+        taken: the settings taken from the checkpoint (flag dest -> value), for the log.
+    """
+    model: ModelRecord
+    data: DataRecord
+    input_options: Dict[str, Any]
+    data_flags: str
+    subset_recorded: bool = False
+    temperature: Optional[float] = None
+    taken: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -225,40 +269,67 @@ def _recorded_args(checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return dict(recorded) if isinstance(recorded, dict) else {}
 
 
-def _take_training_args(args: argparse.Namespace, trained: Dict[str, Any], passed: Set[str]) -> None:
-    """Fill the options the user did not pass from a checkpoint's training arguments, and log them."""
-    taken = {}
+def _checkpoint_record(checkpoint: Optional[Dict[str, Any]], path: str) -> Optional[RunRecord]:
+    """The run record of a checkpoint of our (or timm's) train.py; None for one without (weights only).
 
-    def take(dest: str, value: Any) -> None:
-        if dest in passed or value is None or value == getattr(args, dest, None):
-            return
-        if dest in ('input_size', 'mean', 'std') and isinstance(value, (list, tuple)):
-            value = list(value)
-        if dest == 'class_subset':
-            value = class_subset_value(value)
-        setattr(args, dest, value)
-        taken[dest] = value
+    Raises:
+        ValueError: the record is malformed or from a newer timm-gsl.
+    """
+    if not isinstance(checkpoint, dict) or not (checkpoint.get(RECORD_KEY) is not None
+                                                or _recorded_args(checkpoint).get('model')):
+        return None
+    try:
+        return RunRecord.from_checkpoint(checkpoint)
+    except ValueError as e:
+        raise ValueError(f'--checkpoint {path!r}: {one_line(e)}') from e
 
-    # --img-size and --input-size both set the size: when the user gave one, the recorded ones yield.
-    size_passed = bool(passed.intersection(('img_size', 'input_size')))
-    for dest in _MODEL_ARGS + _CONDITION_ARGS:
-        if not (size_passed and dest in ('img_size', 'input_size')):
-            take(dest, trained.get(dest))
+
+def _taken_from_record(record: RunRecord, passed: Set[str], args: argparse.Namespace) -> Dict[str, Any]:
+    """The settings a record supplies for the flags not passed (flag dest -> value), those that differ only."""
+    # --img-size and --input-size both set the size: when the user gave one, the recorded one yields.
+    skip = set(passed)
+    if passed.intersection(('img_size', 'input_size')):
+        skip.update(('img_size', 'input_size'))
+    readers = list(_RECORDED_SETTINGS)
     if not passed.intersection(_DATA_SOURCE_FLAGS):
-        for dest in _DATA_ARGS:
-            value = trained.get(dest)
-            if dest == 'data_dir':
-                value = value or trained.get('data')
-            take(dest, value)
-        take('split', trained.get('val_split'))
-    if taken:
-        settings = ', '.join(f'{k}={v!r}' for k, v in taken.items())
-        _logger.info(f'Using the training arguments recorded in the checkpoint: {settings} '
-                     f'(pass the flags to override).')
+        readers += _RECORDED_SOURCE
+    taken = {}
+    for dest, read in readers:
+        value = read(record)
+        if dest not in skip and value is not None and value != getattr(args, dest, None):
+            taken[dest] = value
+    return taken
 
 
-def _uses_embedded_data(args: argparse.Namespace) -> bool:
-    return not (args.data or args.data_dir or args.dataset) or gsl_data.is_embedded(args.dataset or '')
+def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> _Evaluation:
+    """What to evaluate: each flag as passed, else what the checkpoint's run record holds, else its default."""
+    passed = _passed(args)
+    record = _checkpoint_record(checkpoint, args.checkpoint) if args.checkpoint else None
+    taken = _taken_from_record(record, passed, args) if record is not None else {}
+
+    def value(dest: str) -> Any:
+        return taken[dest] if dest in taken else getattr(args, dest)
+
+    root = value('data_dir') or args.data
+    dataset = value('dataset') or ''
+    embedded = not (root or dataset) or gsl_data.is_embedded(dataset)
+    if embedded:
+        data_flags = f'the {gsl_data.EMBEDDED_DATASET!r} split {value("split")!r}'
+    else:
+        given = [f'--dataset {dataset!r}' if dataset else '',
+                 f'{"--data-dir" if value("data_dir") else "DIR"} {root!r}' if root else '']
+        data_flags = f'{" ".join(g for g in given if g)} (split {value("split")!r})'
+    model = ModelRecord(architecture=value('model'), num_classes=value('num_classes'), in_chans=value('in_chans'),
+                        pretrained=args.pretrained or not args.checkpoint, global_pool=value('gp'),
+                        kwargs=dict(value('model_kwargs') or {}))
+    data = DataRecord(dataset=gsl_data.EMBEDDED_DATASET if embedded else dataset, root=None if embedded else root,
+                      eval_split=value('split'), class_names=_trained_class_names(record, model.num_classes, args),
+                      class_subset=value('class_subset'), seed=value('seed'), class_map=value('class_map') or '',
+                      input_img_mode=value('input_img_mode'), input_key=value('input_key'),
+                      target_key=value('target_key'))
+    return _Evaluation(model=model, data=data, input_options={k: value(k) for k in _INPUT_FLAGS}, data_flags=data_flags,
+                       subset_recorded='class_subset' not in passed,
+                       temperature=_checkpoint_temperature(record, checkpoint, args), taken=taken)
 
 
 def classification_metrics(
@@ -409,67 +480,44 @@ def _compile(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def _create_eval_dataset(args: argparse.Namespace, input_img_mode: str, trained_names: Optional[List[str]] = None,
-                         recorded_subset: bool = False) -> Any:
+def _create_eval_dataset(ev: _Evaluation, args: argparse.Namespace, input_img_mode: str) -> Any:
     """The evaluation split under the data conditions, labelled as the model was trained when names tell.
 
     Args:
-        args: the options, with the checkpoint's training arguments filled in.
+        ev: what is evaluated (the data and the trained class names).
+        args: the options (the loader's and the data reader's).
         input_img_mode: 'RGB' or 'L'.
-        trained_names: the class names the checkpoint records in label order, or None.
-        recorded_subset: whether ``--class-subset`` came from the checkpoint (not the command line).
 
     Returns:
-        The dataset. With ``trained_names`` (and no ``--valid-labels``), its labels are the training label ids
-        of its class names; a recorded class subset then keeps the trained classes by name, not by a new draw.
+        The dataset. With trained class names (and no ``--valid-labels``), its labels are the training label ids
+        of its class names; a class subset the checkpoint recorded then keeps the trained classes by name, not
+        by a new draw.
     """
+    trained_names = ev.data.class_names
     by_name = trained_names is not None and not args.valid_labels
-    keep_trained = by_name and recorded_subset and args.class_subset is not None
-    timm_kwargs = dict(
-        download=args.dataset_download,
-        class_map=args.class_map,
-        num_samples=args.num_samples,
-        input_key=args.input_key,
-        input_img_mode=input_img_mode,
-        target_key=args.target_key,
-        trust_remote_code=args.dataset_trust_remote_code,
-    )
+    keep_trained = by_name and ev.subset_recorded and ev.data.class_subset is not None
+    timm_kwargs = dict(download=args.dataset_download, num_samples=args.num_samples, input_img_mode=input_img_mode,
+                       trust_remote_code=args.dataset_trust_remote_code)
     if args.tf_preprocessing:
         timm_kwargs['load_bytes'] = True
-    if _uses_embedded_data(args):
-        name, root = gsl_data.EMBEDDED_DATASET, None
-    else:
-        name, root = args.dataset, dataset_root(args)
-    dataset = gsl_data.create_dataset(
-        name, root=root, split=args.split, is_training=False,
-        class_subset=None if keep_trained else args.class_subset,
-        samples_per_class=getattr(args, 'samples_per_class', None), seed=args.seed, **timm_kwargs)
+    dataset = gsl_data.create_eval_dataset(ev.data, class_subset=None if keep_trained else ev.data.class_subset,
+                                           **timm_kwargs)
     if keep_trained and gsl_data.dataset_class_names(dataset) is None:
         # No names to keep the trained classes by: the recorded draw, as for a checkpoint without names.
-        dataset = gsl_data.apply_data_conditions(dataset, class_subset=args.class_subset, seed=args.seed)
+        dataset = gsl_data.apply_data_conditions(dataset, class_subset=ev.data.class_subset, seed=ev.data.seed)
     if trained_names is not None and args.valid_labels:
         _logger.info(f'--valid-labels {args.valid_labels!r}: the dataset\'s labels are read as positions in it; '
                      f'its class names are not matched with those the checkpoint records.')
-    return _to_trained_labels(dataset, args, trained_names, keep_trained) if by_name else dataset
+    return _to_trained_labels(dataset, ev, args, keep_trained) if by_name else dataset
 
 
-def _data_description(args: argparse.Namespace) -> str:
-    """The evaluated data as the user named it (or the checkpoint did), for messages."""
-    if _uses_embedded_data(args):
-        return f'the {gsl_data.EMBEDDED_DATASET!r} split {args.split!r}'
-    root = dataset_root(args)
-    given = [f'--dataset {args.dataset!r}' if args.dataset else '',
-             f'{"--data-dir" if args.data_dir else "DIR"} {root!r}' if root else '']
-    return f'{" ".join(g for g in given if g)} (split {args.split!r})'
-
-
-def _to_trained_labels(dataset: Any, args: argparse.Namespace, trained_names: List[str], keep_trained: bool) -> Any:
+def _to_trained_labels(dataset: Any, ev: _Evaluation, args: argparse.Namespace, keep_trained: bool) -> Any:
     """``dataset`` labelled with the training label id of each image's class name.
 
     Args:
         dataset: the evaluation split.
+        ev: what is evaluated (the trained class names in label order, the data as named, for messages).
         args: the options (for messages).
-        trained_names: the checkpoint's class names in label order.
         keep_trained: leave out the classes the model was not trained on (a class subset recorded in the
             checkpoint) instead of refusing them.
 
@@ -479,12 +527,12 @@ def _to_trained_labels(dataset: Any, args: argparse.Namespace, trained_names: Li
     Raises:
         ValueError: the dataset has a class the model was not trained on (unless ``keep_trained``), or none it was.
     """
-    names = gsl_data.dataset_class_names(dataset)
+    names, trained_names = gsl_data.dataset_class_names(dataset), ev.data.class_names
     if names is None or names == trained_names:
         return dataset
     trained = set(trained_names)
     untrained = [n for n in names if n not in trained]
-    where, shown = _data_description(args), trained_names[:5] + (['...'] if len(trained_names) > 5 else [])
+    where, shown = ev.data_flags, trained_names[:5] + (['...'] if len(trained_names) > 5 else [])
     if (untrained and not keep_trained) or len(untrained) == len(names):
         allowed = 'at least one class' if keep_trained else 'only classes'
         raise ValueError(f'--checkpoint {args.checkpoint!r} was trained on {len(trained_names)} classes and '
@@ -496,7 +544,7 @@ def _to_trained_labels(dataset: Any, args: argparse.Namespace, trained_names: Li
         raise ValueError(f'--checkpoint {args.checkpoint!r} with {where}: {one_line(e)}') from e
     if untrained:
         _logger.info(f'Evaluating the {len(names) - len(untrained)} classes of {where} the checkpoint was trained '
-                     f'on (its --class-subset {args.class_subset}), leaving out {len(untrained)}, by class name.')
+                     f'on (its --class-subset {ev.data.class_subset}), leaving out {len(untrained)}, by class name.')
     else:
         _logger.info(f'{where} has {len(names)} of the {len(trained_names)} classes the checkpoint was trained on: '
                      f'its images are scored with the model\'s own label ids for their class names.')
@@ -520,76 +568,73 @@ def validate(args: argparse.Namespace) -> Dict[str, Any]:
     Returns:
         timm's result dict: ``model``, ``top1``, ``top1_err``, ``top5``, ``top5_err`` (in %, 4 decimals),
         the ``--metrics-avg`` keys when asked, ``param_count`` (millions, 2 decimals), ``img_size``,
-        ``crop_pct`` and ``interpolation``.
+        ``crop_pct`` and ``interpolation``; then ``nll`` and ``ece`` (and their calibrated values with the
+        ``temperature`` when the checkpoint holds one).
 
     Raises:
         ValueError: an option has a value it cannot take.
     """
-    args = copy.copy(args)
-    passed = _passed(args)
     _check_choices(args)
-    checkpoint = None
-    temperature = trained_names = None
-    if args.checkpoint:
-        # Read (without running anything in it) before the model and the data: a damaged or foreign file stops here.
-        checkpoint = _read_checkpoint_file(args.checkpoint)
-        _take_training_args(args, _recorded_args(checkpoint), passed)
-        temperature = _checkpoint_temperature(checkpoint, args)
-        trained_names = _trained_class_names(checkpoint, args)
-        if 'model' not in passed:
-            check_model_name(args.model, f'--checkpoint {args.checkpoint!r} records --model')
-    # Without a checkpoint the weights must come from somewhere: the model's pretrained ones.
-    args.pretrained = args.pretrained or not args.checkpoint
-    args.prefetcher = not args.no_prefetcher
-    device, model_dtype, autocast = _set_up(args)
-    model = _create_model(args)
+    # Read (without running anything in it) before the model and the data: a damaged or foreign file stops here.
+    checkpoint = _read_checkpoint_file(args.checkpoint) if args.checkpoint else None
+    ev = _resolve(args, checkpoint)
+    if ev.taken:
+        settings = ', '.join(f'{k}={v!r}' for k, v in ev.taken.items())
+        _logger.info(f'Using the training settings recorded in the checkpoint: {settings} (pass the flags to '
+                     f'override).')
+    if 'model' in ev.taken:
+        check_model_name(ev.model.architecture, f'--checkpoint {args.checkpoint!r} records --model')
+    device, model_dtype, autocast = _set_up(args, ev.data.seed)
+    model = _create_model(ev, args)
     if checkpoint is not None:
-        _check_weights_fit(model, args, checkpoint)
+        _check_weights_fit(model, ev, args, checkpoint)
     checkpoint_is_numpy = bool(args.checkpoint) and checkpoint is None
     del checkpoint  # before load_checkpoint reads the file again: one copy in memory at a time
     if args.checkpoint:
         if checkpoint_is_numpy and not hasattr(model, 'load_pretrained'):
             raise ValueError(f'--checkpoint {args.checkpoint!r} holds NumPy weights, which timm loads only into models '
-                             f'with load_pretrained (the ViT family); {args.model!r} has none: expected a .pth.tar, '
-                             f'.pth or .safetensors checkpoint.')
+                             f'with load_pretrained (the ViT family); {ev.model.architecture!r} has none: expected a '
+                             f'.pth.tar, .pth or .safetensors checkpoint.')
         load_checkpoint(model, args.checkpoint, args.use_ema)
     if args.reparam:
         model = reparameterize_model(model)
     param_count = sum(p.numel() for p in model.parameters())
-    _logger.info(f'Model {args.model} created, param count: {param_count}')
-    model, data_config, test_time_pool = _prepare_model(model, args, device, model_dtype)
+    _logger.info(f'Model {ev.model.architecture} created, param count: {param_count}')
+    model, data_config, test_time_pool = _prepare_model(model, ev, args, device, model_dtype)
     loader, crop_pct, valid_labels, real_labels = _create_loader(
-        args, model, data_config, test_time_pool, device, model_dtype, trained_names,
-        recorded_subset='class_subset' not in passed)
-    meters = _evaluate(args, model, loader, data_config, device, model_dtype, autocast, valid_labels, real_labels,
-                       temperature)
-    return _results(args, meters, real_labels, param_count, data_config, crop_pct)
+        ev, args, model, data_config, test_time_pool, device, model_dtype)
+    metrics, measures = _evaluate(ev, args, model, loader, data_config, device, model_dtype, autocast, valid_labels,
+                                  real_labels)
+    return _results(ev, args, metrics, measures, param_count, data_config, crop_pct)
 
 
-def _trained_class_names(checkpoint: Optional[Dict[str, Any]], args: argparse.Namespace) -> Optional[List[str]]:
+def _trained_class_names(record: Optional[RunRecord], num_classes: Optional[int],
+                         args: argparse.Namespace) -> Optional[List[str]]:
     """The class names the checkpoint's training recorded, in label order.
 
     Args:
-        checkpoint: the ``--checkpoint`` read.
-        args: the options, with the checkpoint's training arguments filled in (``num_classes``).
+        record: the checkpoint's run record, or None.
+        num_classes: the classifier's outputs, when known before the model is created.
+        args: the options (for messages).
 
     Returns:
         The names; None when it records none (an older checkpoint, timm's) or a list that cannot name the
-        classifier's outputs (not ``--num-classes`` distinct strings; logged).
+        classifier's outputs (not ``num_classes`` distinct strings; logged).
     """
-    names = _recorded_args(checkpoint).get('class_names')
-    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+    names = None if record is None else record.data.class_names
+    if not names:
         return None
-    if len(set(names)) != len(names) or (args.num_classes is not None and len(names) != args.num_classes):
+    if len(set(names)) != len(names) or (num_classes is not None and len(names) != num_classes):
         _logger.warning(f'--checkpoint {args.checkpoint!r}: its {len(names)} recorded class names are not '
-                        f'{args.num_classes or len(names)} distinct names; the dataset\'s labels are used as they are.')
+                        f'{num_classes or len(names)} distinct names; the dataset\'s labels are used as they are.')
         return None
     return list(names)
 
 
-def _checkpoint_temperature(checkpoint: Optional[Dict[str, Any]], args: argparse.Namespace) -> Optional[float]:
+def _checkpoint_temperature(record: Optional[RunRecord], checkpoint: Optional[Dict[str, Any]],
+                            args: argparse.Namespace) -> Optional[float]:
     """The temperature train.py fitted for the weights evaluated (``--use-ema`` or not), or None."""
-    fit = CalibrationFit.from_dict((checkpoint or {}).get('calibration'))
+    fit = None if record is None else record.calibration
     if fit is None:
         return None
     evaluated = 'ema' if args.use_ema and isinstance((checkpoint or {}).get('state_dict_ema'), dict) else 'model'
@@ -600,7 +645,7 @@ def _checkpoint_temperature(checkpoint: Optional[Dict[str, Any]], args: argparse
     return fit.temperature
 
 
-def _set_up(args: argparse.Namespace):
+def _set_up(args: argparse.Namespace, seed: int):
     """The device, the model dtype and the autocast context; seeds and global switches."""
     device = resolve_device(args.device, 'validating', asked='device' in _passed(args))
     if args.num_gpu > 1 and (device.type != 'cuda' or torch.cuda.device_count() < args.num_gpu):
@@ -620,7 +665,7 @@ def _set_up(args: argparse.Namespace):
     else:
         _logger.info(f'Validating in {model_dtype or torch.float32}, AMP off.')
 
-    random_seed(args.seed)
+    random_seed(seed)
     if args.fuser:
         set_jit_fuser(args.fuser)
     if args.fast_norm:
@@ -629,44 +674,34 @@ def _set_up(args: argparse.Namespace):
     return device, model_dtype, autocast
 
 
-def _create_model(args: argparse.Namespace) -> nn.Module:
-    """The model (with its pretrained weights when no --checkpoint is given); fills in --num-classes."""
+def _create_model(ev: _Evaluation, args: argparse.Namespace) -> nn.Module:
+    """The model (with its pretrained weights when no --checkpoint is given)."""
     try:
-        model = create_model(**resolve_model_input_args(
-            args.model,
-            vars(args),
-            pretrained=args.pretrained,
-            num_classes=args.num_classes,
-            global_pool=args.gp,
-            scriptable=args.torchscript,
-            **args.model_kwargs,
-        ))
+        return create_model_from_record(ev.model, ev.input_options, pretrained=ev.model.pretrained,
+                                        scriptable=args.torchscript)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001
         # An option the architecture does not take, pretrained weights that cannot be had, a bad tag.
         weights = '' if args.checkpoint else ' (its pretrained weights, as no --checkpoint is given)'
-        raise ValueError(f'--model {args.model}{weights}: timm cannot create it ({type(e).__name__}: '
+        raise ValueError(f'--model {ev.model.architecture}{weights}: timm cannot create it ({type(e).__name__}: '
                          f'{one_line(e)[:300]}).') from e
-    if args.num_classes is None:
-        if not hasattr(model, 'num_classes'):
-            raise ValueError(f'--num-classes is needed: model {args.model!r} has no num_classes attribute.')
-        args.num_classes = model.num_classes
-    return model
 
 
-def _check_weights_fit(model: nn.Module, args: argparse.Namespace, checkpoint: Dict[str, Any]) -> None:
+def _check_weights_fit(model: nn.Module, ev: _Evaluation, args: argparse.Namespace,
+                       checkpoint: Dict[str, Any]) -> None:
     """Other names or shapes: one line naming the first mismatches, not load_state_dict's page of keys."""
     weights = checkpoint
     if args.use_ema and isinstance(checkpoint.get('state_dict_ema'), dict):
         weights = dict(state_dict=checkpoint['state_dict_ema'], arch=checkpoint.get('arch'))
-    check_checkpoint_fits(weights, model, args.model, '--checkpoint', args.checkpoint)
+    check_checkpoint_fits(weights, model, ev.model.architecture, '--checkpoint', args.checkpoint)
 
 
-def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device,
+def _prepare_model(model: nn.Module, ev: _Evaluation, args: argparse.Namespace, device: torch.device,
                    model_dtype: Optional[torch.dtype]):
     """The data config, test-time pooling, device, dtype, memory layout, compilation and DataParallel."""
-    data_config = resolve_input_data_config(model, vars(args), use_test_size=not args.use_train_size, verbose=True)
+    data_config = resolve_input_data_config(model, ev.input_options, use_test_size=not args.use_train_size,
+                                            verbose=True)
     test_time_pool = False
     if args.test_pool:
         model, test_time_pool = apply_test_time_pool(model, data_config)
@@ -681,20 +716,16 @@ def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.dev
     return model, data_config, test_time_pool
 
 
-def _create_loader(args: argparse.Namespace, model: nn.Module, data_config: Dict[str, Any], test_time_pool: bool,
-                   device: torch.device, model_dtype: Optional[torch.dtype], trained_names: Optional[List[str]] = None,
-                   recorded_subset: bool = False):
-    """The evaluation dataset and loader (timm's, or its NaFlex one), and the label restrictions.
-
-    ``trained_names`` and ``recorded_subset`` are :func:`_create_eval_dataset`'s.
-    """
-    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+def _create_loader(ev: _Evaluation, args: argparse.Namespace, model: nn.Module, data_config: Dict[str, Any],
+                   test_time_pool: bool, device: torch.device, model_dtype: Optional[torch.dtype]):
+    """The evaluation dataset and loader (timm's, or its NaFlex one), and the label restrictions."""
+    input_img_mode = ev.data.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     if args.tf_preprocessing:
         try:
             import tensorflow  # noqa: F401
         except ImportError:
             raise ValueError('--tf-preprocessing needs TensorFlow (pip install tensorflow-cpu); it is not installed.')
-    dataset = _create_eval_dataset(args, input_img_mode, trained_names, recorded_subset)
+    dataset = _create_eval_dataset(ev, args, input_img_mode)
     valid_labels = _read_valid_labels(args.valid_labels) if args.valid_labels else None
     real_labels = None
     if args.real_labels:
@@ -706,7 +737,7 @@ def _create_loader(args: argparse.Namespace, model: nn.Module, data_config: Dict
     crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
     loader_kwargs = dict(
         batch_size=args.batch_size,
-        use_prefetcher=args.prefetcher,
+        use_prefetcher=not args.no_prefetcher,
         interpolation=data_config['interpolation'],
         mean=data_config['mean'],
         std=data_config['std'],
@@ -730,20 +761,39 @@ def _create_loader(args: argparse.Namespace, model: nn.Module, data_config: Dict
     return loader, crop_pct, valid_labels, real_labels
 
 
-def _evaluate(args: argparse.Namespace, model: nn.Module, loader: Any, data_config: Dict[str, Any],
-              device: torch.device, model_dtype: Optional[torch.dtype], autocast: Callable[[], Any],
-              valid_labels: Optional[List[int]], real_labels: Any,
-              temperature: Optional[float] = None) -> Dict[str, Any]:
-    """timm's evaluation loop: loss, top-1 and top-5 meters, and the predictions when --metrics-avg asks.
+class _Measures:
+    """What validate.py measures besides :func:`timm_gsl.engine.evaluate`'s loss, top-1, top-5, NLL and ECE.
 
-    Also the calibration (NLL and ECE) of the logits, and of the logits divided by ``temperature`` when given.
+    Called with each batch's logits and labels: the images counted, ImageNet real labels, the predictions for
+    ``--metrics-avg``, and the NLL and ECE at the checkpoint's temperature.
     """
-    criterion = nn.CrossEntropyLoss().to(device)
-    batch_time, losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
-    calibration = CalibrationMeter(device)
-    calibrated = CalibrationMeter(device) if temperature is not None else None
-    all_predictions, all_targets = [], []
-    model.eval()
+
+    def __init__(self, device: torch.device, real_labels: Any, keep_predictions: bool,
+                 temperature: Optional[float]):
+        self.images = 0
+        self.real_labels = real_labels
+        self.keep_predictions = keep_predictions
+        self.predictions: List[torch.Tensor] = []
+        self.targets: List[torch.Tensor] = []
+        self.temperature = temperature
+        self.calibrated = CalibrationMeter(device) if temperature is not None else None
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        self.images += output.shape[0]
+        if self.real_labels is not None:
+            self.real_labels.add_result(output)
+        if self.keep_predictions:
+            self.predictions.append(output.argmax(dim=1).cpu())
+            self.targets.append(target.cpu())
+        if self.calibrated is not None:
+            self.calibrated.update(output.float() / self.temperature, target)
+
+
+def _evaluate(ev: _Evaluation, args: argparse.Namespace, model: nn.Module, loader: Any, data_config: Dict[str, Any],
+              device: torch.device, model_dtype: Optional[torch.dtype], autocast: Callable[[], Any],
+              valid_labels: Optional[List[int]], real_labels: Any) -> Tuple[Dict[str, float], _Measures]:
+    """The evaluation of :func:`timm_gsl.engine.evaluate` (train.py's), with validate.py's measures beside it."""
+    measures = _Measures(device, real_labels, bool(args.metrics_avg), ev.temperature)
     with torch.inference_mode():
         if not args.naflex_loader:
             # One throw-away batch so that the first timed batch does not pay for lazy initialisation.
@@ -752,74 +802,36 @@ def _evaluate(args: argparse.Namespace, model: nn.Module, loader: Any, data_conf
             if args.channels_last:
                 warmup = warmup.contiguous(memory_format=torch.channels_last)
             with autocast():
-                model(warmup)
-        end = time.time()
-        for batch_idx, (input, target) in enumerate(loader):
-            if is_naflex_batch(input):  # a dict of patches: moved (and cast) key by key
-                input, target = prepare_naflex_input(input, target, device, model_dtype)
-            elif args.no_prefetcher:
-                target = target.to(device=device)
-                input = input.to(device=device, dtype=model_dtype)
-            if args.channels_last and not is_naflex_batch(input):
-                input = input.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                output = model(input)
-                if valid_labels is not None:
-                    output = output[:, valid_labels]
-                loss = criterion(output, target)
-            if real_labels is not None:
-                real_labels.add_result(output)
-
-            batch_size = output.shape[0]
-            calibration.update(output.float(), target)
-            if calibrated is not None:
-                calibrated.update(output.float() / temperature, target)
-            acc1, acc5 = accuracy(output.detach(), target, topk=(1, min(5, output.shape[1])))
-            losses.update(loss.item(), batch_size)
-            top1.update(acc1.item(), batch_size)
-            top5.update(acc5.item(), batch_size)
-            if args.metrics_avg:
-                all_predictions.append(output.argmax(dim=1).cpu())
-                all_targets.append(target.cpu())
-
-            batch_time.update(time.time() - end)
-            end = time.time()
-            if batch_idx % args.log_freq == 0:
-                _logger.info(
-                    f'Test: [{batch_idx:>4d}/{len(loader)}]  '
-                    f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch_size / batch_time.avg:>7.2f}/s)  '
-                    f'Loss: {losses.val:>7.4f} ({losses.avg:>6.4f})  '
-                    f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  '
-                    f'Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
-
-    return dict(top1=top1, top5=top5, predictions=all_predictions, targets=all_targets,
-                calibration=calibration.compute(),
-                calibrated=None if calibrated is None else dict(calibrated.compute(), temperature=temperature))
+                model.eval()(warmup)
+        metrics = evaluate(model, loader, None, device, amp_autocast=autocast, channels_last=args.channels_last,
+                           model_dtype=model_dtype, log_interval=args.log_freq,
+                           output_transform=None if valid_labels is None else (lambda out: out[:, valid_labels]),
+                           on_batch=measures)
+    return metrics, measures
 
 
-def _results(args: argparse.Namespace, meters: Dict[str, Any], real_labels: Any, param_count: int,
-             data_config: Dict[str, Any], crop_pct: float) -> Dict[str, Any]:
+def _results(ev: _Evaluation, args: argparse.Namespace, metrics: Dict[str, float], measures: _Measures,
+             param_count: int, data_config: Dict[str, Any], crop_pct: float) -> Dict[str, Any]:
     """timm's result dict and summary line."""
-    top1, top5, all_predictions, all_targets = (meters[k] for k in ('top1', 'top5', 'predictions', 'targets'))
-    if top1.count == 0:
-        raise ValueError(f'The {args.split!r} split of the dataset is empty: nothing to validate.')
-    if real_labels is not None:
-        top1a, top5a = real_labels.get_accuracy(k=1), real_labels.get_accuracy(k=5)
+    if measures.images == 0:
+        raise ValueError(f'The {ev.data.eval_split!r} split of the dataset is empty: nothing to validate.')
+    if measures.real_labels is not None:
+        top1a, top5a = measures.real_labels.get_accuracy(k=1), measures.real_labels.get_accuracy(k=5)
     else:
-        top1a, top5a = top1.avg, top5.avg
-    metrics = {}
+        top1a, top5a = metrics['top1'], metrics['top5']
+    extra = {}
     if args.metrics_avg:
-        metrics = classification_metrics(torch.cat(all_predictions), torch.cat(all_targets), args.metrics_avg)
-
-    calibration, calibrated = meters['calibration'], meters['calibrated']
-    if calibrated is not None:
-        calibration.update({f'{k}_calibrated': v for k, v in calibrated.items() if k != 'temperature'},
-                           temperature=calibrated['temperature'])
+        extra = classification_metrics(torch.cat(measures.predictions), torch.cat(measures.targets),
+                                       args.metrics_avg)
+    calibration = {'nll': metrics['nll'], 'ece': metrics['ece']}
+    if measures.calibrated is not None:
+        calibration.update({f'{k}_calibrated': v for k, v in measures.calibrated.compute().items()},
+                           temperature=measures.temperature)
     results = OrderedDict(
-        model=args.model,
+        model=ev.model.architecture,
         top1=round(top1a, 4), top1_err=round(100 - top1a, 4),
         top5=round(top5a, 4), top5_err=round(100 - top5a, 4),
-        **metrics,
+        **extra,
         param_count=round(param_count / 1e6, 2),
         img_size=data_config['input_size'][-1],
         crop_pct=crop_pct,
@@ -830,13 +842,13 @@ def _results(args: argparse.Namespace, meters: Dict[str, Any], real_labels: Any,
     summary = (f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f}) "
                f"Acc@5 {results['top5']:.3f} ({results['top5_err']:.3f}) "
                f"NLL {results['nll']:.4f} ECE {results['ece']:.2f}%")
-    if calibrated is not None:
+    if measures.calibrated is not None:
         summary += (f" | at the checkpoint's temperature {results['temperature']:.4g}: NLL "
                     f"{results['nll_calibrated']:.4f} ECE {results['ece_calibrated']:.2f}%")
-    if metrics:
+    if extra:
         avg = args.metrics_avg
-        summary += (f' | Precision({avg}) {metrics[f"{avg}_precision"]:.3f} | Recall({avg}) '
-                    f'{metrics[f"{avg}_recall"]:.3f} | F1-score({avg}) {metrics[f"{avg}_f1_score"]:.3f}')
+        summary += (f' | Precision({avg}) {extra[f"{avg}_precision"]:.3f} | Recall({avg}) '
+                    f'{extra[f"{avg}_recall"]:.3f} | F1-score({avg}) {extra[f"{avg}_f1_score"]:.3f}')
     _logger.info(summary)
     return results
 
@@ -846,11 +858,12 @@ def _validate_with_retry(args: argparse.Namespace, initial_batch_size: int) -> D
     batch_size = initial_batch_size
     error = 'Unknown'
     while batch_size:
-        args.batch_size = batch_size * args.num_gpu  # DataParallel splits the batch over the GPUs
+        attempt = copy.copy(args)
+        attempt.batch_size = batch_size * args.num_gpu  # DataParallel splits the batch over the GPUs
         try:
             if args.device.startswith('cuda') and torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return validate(args)
+            return validate(attempt)
         except RuntimeError as e:
             error = str(e)
             _logger.error(f'"{error}" while running validation.')
@@ -873,8 +886,7 @@ def _bulk_runs(args: argparse.Namespace) -> List[tuple]:
     if os.path.isdir(args.checkpoint):
         return [(args.model, path) for path in _bulk_checkpoints(args.checkpoint)]
     runs = []
-    if args.model == 'all':
-        args.pretrained = True
+    if args.model == 'all':  # each run has no checkpoint: its pretrained weights are evaluated
         runs = [(name, '') for name in list_models(pretrained=True, exclude_filters=list(_NOT_IN1K_FILTERS))]
     elif not is_model(args.model):
         runs = [(name, '') for name in list_models(args.model, pretrained=True)]
@@ -938,14 +950,13 @@ def _main(args: argparse.Namespace) -> Union[Dict[str, Any], List[Dict[str, Any]
     if runs:
         _logger.info('Running bulk validation on: ' + ', '.join(c or m for m, c in runs))
         results = []
-        if not os.path.isdir(args.checkpoint):
-            # Runs over model names: each name is given, a checkpoint's recorded model must not replace it.
-            args.passed_flags = sorted(set(_passed(args)) | {'model'})
+        # Runs over model names: each name is given, a checkpoint's recorded model must not replace it.
+        passed = sorted(set(_passed(args)) | ({'model'} if not os.path.isdir(args.checkpoint) else set()))
         initial_batch_size = args.batch_size
         try:
             for model_name, checkpoint in runs:
                 run_args = copy.copy(args)
-                run_args.model, run_args.checkpoint = model_name, checkpoint
+                run_args.model, run_args.checkpoint, run_args.passed_flags = model_name, checkpoint, passed
                 try:
                     result = _validate_with_retry(run_args, initial_batch_size)
                 except Exception as e:  # one model that cannot be created or loaded must not end the sweep

@@ -4,7 +4,8 @@
   inside the package, so that training and validation run with no download.
 * :mod:`.conditions`: ``class_subset`` (K classes, relabelled 0..K-1) and ``samples_per_class`` (N training
   images per class) for any dataset whose labels can be read without decoding images.
-* :mod:`.factory`: :func:`create_dataset`, every argument of :func:`timm.data.create_dataset` plus these;
+* :mod:`.factory`: :func:`create_dataset`, every argument of :func:`timm.data.create_dataset` plus these, and
+  :func:`create_eval_dataset`, a run's evaluation images from its run record;
 * :mod:`.skipped`: timm's warning about an image it skips names the file.
 
 Examples:
@@ -16,10 +17,10 @@ Examples:
 """
 from .conditions import ConditionedDataset, apply_data_conditions, dataset_class_names, dataset_targets
 from .embedded import EMBEDDED_DATASET, EmbeddedFashionMNIST, embedded_dataset_info, is_embedded
-from .factory import check_data_source, check_no_empty_class, create_dataset
+from .factory import check_data_source, check_no_empty_class, create_dataset, create_eval_dataset
 
 __all__ = [
     'EMBEDDED_DATASET', 'ConditionedDataset', 'EmbeddedFashionMNIST', 'apply_data_conditions',
-    'check_data_source', 'check_no_empty_class', 'create_dataset', 'dataset_class_names', 'dataset_targets',
-    'embedded_dataset_info', 'is_embedded',
+    'check_data_source', 'check_no_empty_class', 'create_dataset', 'create_eval_dataset', 'dataset_class_names',
+    'dataset_targets', 'embedded_dataset_info', 'is_embedded',
 ]

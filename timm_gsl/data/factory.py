@@ -1,6 +1,7 @@
 """``create_dataset``: the embedded dataset or any timm dataset, under the paper's data conditions.
 
-Also the cheap checks of a dataset root that run before any dataset is scanned.
+Also :func:`create_eval_dataset`, the one place a run's evaluation images are read again from its run record,
+and the cheap checks of a dataset root that run before any dataset is scanned.
 """
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from typing import Any, Optional, Sequence, Union
 
 import torch.utils.data
 
+from ..record import DataRecord
 from .conditions import apply_data_conditions, check_samples_per_class, check_seed, parse_class_subset
 from .embedded import EMBEDDED_DATASET, EMBEDDED_PREFIX, create_embedded, is_embedded
 from .skipped import name_skipped_files
 
-__all__ = ['DOWNLOADING_PREFIXES', 'check_data_source', 'check_no_empty_class', 'create_dataset', 'reads_local_folder']
+__all__ = ['DOWNLOADING_PREFIXES', 'check_data_source', 'check_no_empty_class', 'create_dataset', 'create_eval_dataset',
+           'reads_local_folder']
 
 # Dataset names timm resolves through a reader that fetches (or streams) its data itself; the others read
 # an image folder or tar under the dataset root, which must exist already.
@@ -75,6 +78,26 @@ def create_dataset(
     return apply_data_conditions(
         dataset, class_subset=class_subset, samples_per_class=samples_per_class if is_training else None, seed=seed,
         holdout_per_class=holdout_per_class if is_training else 0, part=part if is_training else 'train')
+
+
+def create_eval_dataset(data: DataRecord, split: Optional[str] = None, **timm_kwargs: Any) -> torch.utils.data.Dataset:
+    """A run's evaluation images read again from its record: its dataset, split and class subset drawn with its seed.
+
+    Args:
+        data: the data section of a run record (an empty ``dataset`` and no ``root``: the embedded dataset).
+        split: the split to read (default: the recorded ``eval_split``).
+        **timm_kwargs: other :func:`create_dataset` arguments (``download``, ``num_samples``, ``class_subset`` to
+            read other classes, ...); they win over the record.
+
+    Returns:
+        The dataset (evaluation mode: ``samples_per_class`` does not apply).
+    """
+    options = dict(class_subset=data.class_subset, seed=42 if data.seed is None else data.seed,
+                   class_map=data.class_map or '', input_img_mode=data.input_img_mode, input_key=data.input_key,
+                   target_key=data.target_key)
+    options.update(timm_kwargs)
+    name = data.dataset if (data.dataset or data.root) else EMBEDDED_DATASET
+    return create_dataset(name, root=data.root, split=split or data.eval_split, is_training=False, **options)
 
 
 def reads_local_folder(name: str) -> bool:

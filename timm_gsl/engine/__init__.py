@@ -12,7 +12,7 @@
 * :mod:`.run_folder`: one run per output folder (the ownership check and the lock).
 """
 from .atomic import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .checkpoint_io import add_checkpoint_entry, check_checkpoint_fits, read_checkpoint
+from .checkpoint_io import add_checkpoint_entries, check_checkpoint_fits, read_checkpoint
 from .evaluate import CALIBRATION_METRICS, evaluate, predict
 from .report import format_summary, plot_learning_curves, read_summary
 from .run_folder import RunFolder, RunFolderError, check_run_folder, claim_run_folder
@@ -24,7 +24,7 @@ from .train_epoch import (
 
 __all__ = [
     'AtomicCheckpointSaver', 'CALIBRATION_METRICS', 'GroupingMeter', 'NonFiniteLossError', 'RunFolder',
-    'RunFolderError', 'TrainingState', 'add_checkpoint_entry', 'atomic_path', 'batch_loss_scale',
+    'RunFolderError', 'TrainingState', 'add_checkpoint_entries', 'atomic_path', 'batch_loss_scale',
     'check_checkpoint_fits', 'check_run_folder', 'claim_run_folder', 'evaluate', 'format_grouping',
     'format_summary', 'loss_is_finite', 'plot_learning_curves', 'predict', 'read_checkpoint', 'read_summary',
     'train_one_epoch', 'write_bytes_atomic', 'write_json_atomic', 'write_text_atomic',

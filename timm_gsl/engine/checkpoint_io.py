@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 import pickle
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ from timm.models import clean_state_dict
 
 from .atomic import atomic_path
 
-__all__ = ['add_checkpoint_entry', 'check_checkpoint_fits', 'read_checkpoint']
+__all__ = ['add_checkpoint_entries', 'check_checkpoint_fits', 'read_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -96,20 +96,19 @@ def read_checkpoint(path: str, flag: str) -> Dict[str, Any]:
                      f'checkpoint written by train.py (with "state_dict") or a plain state dict.')
 
 
-def add_checkpoint_entry(path: str, key: str, value: Any) -> None:
-    """Set ``checkpoint[key] = value`` in a checkpoint file, rewritten whole under a temporary name and renamed.
+def add_checkpoint_entries(path: str, entries: Mapping[str, Any]) -> None:
+    """Set top-level ``entries`` in a checkpoint file, rewritten whole under a temporary name and renamed.
 
-    The file is read as :func:`read_checkpoint` reads it (weights only), so nothing in it runs; ``value`` must
+    The file is read as :func:`read_checkpoint` reads it (weights only), so nothing in it runs; the values must
     be plain data (numbers, strings, lists, dicts) for the result to stay loadable with ``weights_only``. A file
     hard-linked elsewhere (timm's saver links ``model_best.pth.tar`` to ``last.pth.tar``) gets its own copy.
 
     Args:
         path: a checkpoint written by train.py.
-        key: the top-level entry to set.
-        value: its value.
+        entries: the top-level entries to set (key -> value).
     """
     checkpoint = read_checkpoint(path, 'checkpoint')
-    checkpoint[key] = value
+    checkpoint.update(entries)
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tupl
 import torch
 import torch.nn as nn
 from timm import utils
-from timm.task import TrainingTask, evaluation_sample_limit
+from timm.task import ClassificationEvaluator, TrainingTask, evaluation_sample_limit
 
 from ..calibration import CalibrationMeter
 from ..naflex import is_naflex_batch, prepare_naflex_input
@@ -32,7 +32,7 @@ _logger = logging.getLogger(__name__)
 def evaluate(
         model: nn.Module,
         loader: Any,
-        task: TrainingTask,
+        task: Optional[TrainingTask],
         device: torch.device,
         amp_autocast: Callable[[], ContextManager] = nullcontext,
         channels_last: bool = False,
@@ -43,13 +43,16 @@ def evaluate(
         progress: bool = False,
         tta: int = 0,
         tta_options: Optional[Dict[str, Any]] = None,
+        output_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        on_batch: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
 ) -> 'OrderedDict[str, float]':
     """Evaluate ``model`` with the task's evaluator: cross-entropy loss, top-1 and top-5 in percent.
 
     Args:
         model: the eval model (``task.get_eval_model()``, or its EMA).
         loader: the evaluation loader.
-        task: supplies the evaluator (``task.create_evaluator``).
+        task: supplies the evaluator (``task.create_evaluator``); None: timm's ``ClassificationEvaluator``
+            (validate.py, which has no training task).
         device: where batches go.
         amp_autocast: the autocast context factory.
         channels_last: convert inputs to channels-last.
@@ -62,14 +65,19 @@ def evaluate(
             :func:`timm_gsl.engine.tta.tta_forward`); 0 or 1: off.
         tta_options: keyword arguments of :func:`timm_gsl.engine.tta.tta_views` (the patch layout of NaFlex
             batches).
+        output_transform: applied to each batch's logits before anything measures them (validate.py's
+            ``--valid-labels`` keeps some columns).
+        on_batch: called with each batch's (transformed) logits and labels, distributed padding left out, for
+            what a caller measures besides (validate.py: real labels, precision and recall, calibrated NLL).
 
     Returns:
         ``OrderedDict(loss=..., top1=..., top5=..., nll=..., ece=...)``: the task evaluator's metrics, then the
         mean negative log-likelihood and the top-label expected calibration error in percent (15 bins).
     """
-    evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader))
-    calibration = CalibrationMeter(device=getattr(evaluator, 'device', None))
     limit = evaluation_sample_limit(loader)
+    evaluator = (ClassificationEvaluator(device, max_samples=limit) if task is None
+                 else task.create_evaluator(max_samples=limit))
+    calibration = CalibrationMeter(device=getattr(evaluator, 'device', None))
     seen = 0
     model.eval()
     bar = progress_bar(loader, progress, 'eval' + log_suffix)
@@ -78,11 +86,15 @@ def evaluate(
     last_idx = len(loader) - 1
     batches = _forward(model, loader, device, amp_autocast, channels_last, model_dtype, tta, tta_options)
     for batch_idx, (output, target) in enumerate(batches):
+        if output_transform is not None:
+            output = output_transform(output)
         evaluator.update(output, target)
         # The same trimming of distributed padding as the evaluator's.
         keep = output.shape[0] if limit is None else max(0, min(output.shape[0], limit - seen))
         seen += output.shape[0]
         calibration.update(output[:keep].float(), target[:keep])
+        if on_batch is not None:
+            on_batch(output[:keep], target[:keep])
         batch_time_m.update(time.time() - end)
         end = time.time()
         if bar is not None:
