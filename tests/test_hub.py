@@ -1,4 +1,5 @@
-"""Tests of timm_gsl/hub.py and ``python -m timm_gsl push``: publish to a Hub, load back with plain timm.
+"""Tests of timm_gsl/hub/ (checkpoint reading, card, publishing) and ``python -m timm_gsl push``: publish to a
+Hub, load back with plain timm.
 
 The Hub is :class:`tests._hub_server.HubServer` on 127.0.0.1, driven by the real ``huggingface_hub``
 client. That client reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` when it is imported, so publishing
@@ -202,6 +203,8 @@ def test_model_card_has_hub_metadata_settings_conditions_metrics_and_citation(se
                  '| 0 |', '| 1 |', 'Kobayashi, Takumi', 'python train.py', '--samples-per-class 8',
                  '--class-subset 3', '--model test_resnet', f"timm.create_model('hf-hub:{REPO}', pretrained=True)"):
         assert text in body, text
+    # What the replication measured about this loss's calibrated probabilities is on every card of the loss.
+    assert f'- **Probabilities:** {hub.card.CALIBRATION_CAVEAT}' in body
     # transformers loads it (tested below), and the card says so; the run started from scratch: no base_model.
     assert 'transformers' in meta['tags'] and 'base_model' not in meta
     # Advice only from the run's own settings: its 28x28 input and loss settings, no foreign dataset or size.
@@ -834,7 +837,8 @@ def test_checkpoint_without_calibration_exports_the_same_files_with_or_without_f
     for name in folded:
         assert (tmp_path / 'folded' / name).read_bytes() == (tmp_path / 'unfolded' / name).read_bytes(), name
     assert 'calibration' not in json.loads((tmp_path / 'folded' / 'config.json').read_text())
-    card = (tmp_path / 'folded' / 'README.md').read_text()
+    # Nothing about a temperature of its own (the loss's measured caveat, on every card of the loss, aside).
+    card = (tmp_path / 'folded' / 'README.md').read_text().replace(hub.card.CALIBRATION_CAVEAT, '')
     assert 'Calibration' not in card and 'NLL' not in card and 'temperature' not in card
     weights = safetensors.torch.load_file(str(tmp_path / 'folded' / 'model.safetensors'))
     trained = torch.load(published, map_location='cpu', weights_only=False)['state_dict']
@@ -995,3 +999,15 @@ def test_test_hub_answers_the_clients_listing_info_whoami_and_error_calls(server
     assert result['tree'] == sorted([p, len(c)] for p, c in files.items())
     assert result['exists'] == [True, False]
     assert result['errors'] == ['RemoteEntryNotFoundError', 'RepositoryNotFoundError', 'RevisionNotFoundError']
+
+
+def test_the_calibration_caveat_is_on_cards_of_the_group_softmax_loss_only():
+    gsl = from_training_arguments(dict(model='m', loss='gsl', gsl_type='II', gsl_groups=4,
+                                       gsl_grouping='discriminative'))
+    ce = from_training_arguments(dict(model='m', loss='ce'))
+
+    def training_section(record):
+        return '\n'.join(hub.card._card_training(record, 'data', 'all images', 'validation', 'its own split'))
+
+    assert hub.card.CALIBRATION_CAVEAT in training_section(gsl)
+    assert hub.card.CALIBRATION_CAVEAT not in training_section(ce)
