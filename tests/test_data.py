@@ -11,11 +11,13 @@ from PIL import Image
 
 from timm.data import create_loader
 
+from timm_gsl.cli.flags import DATA_SOURCE_FLAGS
 from timm_gsl.data import (
     EMBEDDED_DATASET,
     ConditionedDataset,
     EmbeddedFashionMNIST,
     apply_data_conditions,
+    check_data_source,
     create_dataset,
     dataset_class_names,
     dataset_targets,
@@ -545,6 +547,27 @@ def test_an_empty_class_raises(image_folder, tmp_path):
     names.write_text('fox\nant\n', encoding='utf-8')
     with pytest.raises(ValueError, match=r"Class 5 \('fox'\) has no images"):
         create_dataset('', root=image_folder, split='train', class_subset=str(names), class_map=str(class_map))
+
+
+def test_data_source_checks_name_the_keywords_and_through_names_the_flags(tmp_path):
+    def message(*args, **kwargs):
+        with pytest.raises(ValueError) as info:
+            check_data_source(*args, **kwargs)
+        return str(info.value)
+
+    assert message('', None, ('train',)).startswith("name '' reads images from a local folder or tar, but no root "
+                                                     "was given; expected root PATH")
+    assert message('', None, ('train',), names=DATA_SOURCE_FLAGS).startswith(  # train.py's words
+        "--dataset '' reads images from a local folder or tar, but no --data-dir was given; expected --data-dir PATH")
+    missing = str(tmp_path / 'nowhere')
+    assert message('', missing, ('train',)).startswith(f'root {missing!r}: no such file or folder')
+    assert message('', missing, ('train',), names=DATA_SOURCE_FLAGS).startswith(f'--data-dir {missing!r}: no such')
+    # ``flag`` (how the user named the root: train.py's DIR) still wins for that message.
+    assert message('', missing, ('train',), 'DIR', names=DATA_SOURCE_FLAGS).startswith(f'DIR {missing!r}: no such')
+    os.makedirs(tmp_path / 'root' / 'train' / 'empty')
+    root = str(tmp_path / 'root')
+    assert message('', root, ('train',)).startswith('root: class folder ')
+    assert message('', root, ('train',), 'DIR', names=DATA_SOURCE_FLAGS).startswith('--data-dir: class folder ')
 
 
 def test_datasets_whose_labels_need_decoding_are_rejected():

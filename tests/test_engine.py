@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from timm_gsl.cli.flags import CHECKPOINT_FLAGS
 from timm_gsl.functional import GroupingStatistics
-from timm_gsl.engine import GroupingMeter, format_grouping, format_summary, plot_learning_curves
+from timm_gsl.engine import GroupingMeter, check_checkpoint_fits, format_grouping, format_summary, plot_learning_curves
 
 
 def _stats(zero, nonzero, loss):
@@ -95,3 +96,17 @@ def test_summary_opens_with_timms_best_metric_line():
     assert lines[0] == '*** Best metric: 33.333333333333336 (epoch 7)'
     assert lines[1] == 'Best top1: 33.333 (epoch 7)'
     assert format_summary(None, None, 'top1', None).splitlines()[0] == 'No evaluation was run.'
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_architecture_keyword_and_through_names_the_flag():
+    model = torch.nn.Linear(3, 2)
+    checkpoint = {'arch': 'other', 'state_dict': {'weight': torch.zeros(5, 3), 'bias': torch.zeros(5)}}
+
+    def message(**kwargs):
+        with pytest.raises(ValueError) as info:
+            check_checkpoint_fits(checkpoint, model, 'linear', '--resume', 'x.pth.tar', **kwargs)
+        return str(info.value)
+
+    assert message().startswith("--resume 'x.pth.tar' is a checkpoint of other, which does not fit arch linear: ")
+    assert message(names=CHECKPOINT_FLAGS).startswith(  # train.py's and validate.py's words
+        "--resume 'x.pth.tar' is a checkpoint of other, which does not fit --model linear: 2 of another shape")

@@ -10,7 +10,8 @@ from timm.loss import LOSS_TYPES as TIMM_LOSS_TYPES
 from timm.loss import create_classification_loss as timm_create_classification_loss
 
 from timm_gsl import GroupSoftmaxLoss, create_classification_loss
-from timm_gsl.loss_factory import LOSS_TYPES
+from timm_gsl.cli.train_args import LOSS_FLAGS
+from timm_gsl.loss_factory import LOSS_TYPES, resolve_gsl_type
 
 from _assertions import assert_value_error_says
 
@@ -125,3 +126,14 @@ BAD_FACTORY_ARGS = [
 @pytest.mark.parametrize('kwargs, pieces', [c[1:] for c in BAD_FACTORY_ARGS], ids=[c[0] for c in BAD_FACTORY_ARGS])
 def test_bad_factory_argument_raises_value_error_naming_argument_value_and_allowed(kwargs, pieces):
     assert_value_error_says(lambda: create_classification_loss(**kwargs), pieces)
+
+
+def test_gsl_type_auto_without_a_size_names_the_keywords_and_through_names_the_flags():
+    with pytest.raises(ValueError) as info:
+        resolve_gsl_type('auto', None)
+    assert str(info.value) == ('gsl_type auto needs the number of training images, which this dataset does not '
+                               'report; pass num_train_images N or choose gsl_type I or II.')
+    with pytest.raises(ValueError) as info:
+        resolve_gsl_type('auto', None, names=LOSS_FLAGS)  # train.py's words
+    assert str(info.value) == ('--gsl-type auto needs the number of training images, which this dataset does not '
+                               'report; pass --train-num-samples N or choose --gsl-type I or II.')

@@ -14,7 +14,8 @@ from PIL import Image
 
 from timm_gsl.cli import train as train_cli
 from timm_gsl.cli.train import main
-from timm_gsl.engine import RunFolderError, claim_run_folder, read_checkpoint
+from timm_gsl.cli.train_args import RUN_FOLDER_FLAGS
+from timm_gsl.engine import RunFolderError, check_run_folder, claim_run_folder, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--model', 'test_resnet', '--class-subset', '3', '--samples-per-class', '8', '-b', '8', '-j', '0',
@@ -128,6 +129,35 @@ def test_a_live_run_holds_its_folder(tmp_path, capsys):
             claim_run_folder(str(tmp_path / 'other'))
         finally:
             held.release()
+
+
+def test_run_folder_messages_name_the_keywords_and_through_names_the_flags(tmp_path):
+    folder = str(tmp_path / 'run')
+    os.makedirs(folder)
+    open(os.path.join(folder, 'args.yaml'), 'w').close()
+    last = os.path.join(folder, 'last.pth.tar')
+
+    def refusal(call, **kwargs):
+        with pytest.raises(RunFolderError) as info:
+            call(folder, **kwargs)
+        return str(info.value)
+
+    assert refusal(check_run_folder) == (
+        f"folder: {folder!r} already holds a run (args.yaml); a new run never writes into another run's folder: "
+        f'pass resume {last} to continue it, or choose another experiment (or output).')
+    assert refusal(check_run_folder, names=RUN_FOLDER_FLAGS) == (  # train.py's words
+        f"--output/--experiment: {folder!r} already holds a run (args.yaml); a new run never writes into another "
+        f"run's folder: pass --resume {last} to continue it, or choose another --experiment (or --output).")
+    held = claim_run_folder(str(tmp_path / 'live'))
+    try:
+        folder = str(tmp_path / 'live')
+        assert refusal(claim_run_folder).startswith(f'folder: another live run is writing into {folder!r}; ')
+        assert refusal(claim_run_folder).endswith('choose another experiment (or output).')
+        assert refusal(claim_run_folder, names=RUN_FOLDER_FLAGS) == (
+            f'--output/--experiment: another live run is writing into {folder!r}; two runs never share a folder: '
+            f'wait for it to end, or choose another --experiment (or --output).')
+    finally:
+        held.release()
 
 
 def test_runs_without_experiment_names_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):

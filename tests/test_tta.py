@@ -15,6 +15,7 @@ import timm
 from timm.data.naflex_dataset import NaFlexCollator
 from timm.data.naflex_transforms import Patchify
 
+from timm_gsl.cli.train_args import TTA_FLAGS
 from timm_gsl.engine.tta import (
     check_tta,
     hflip_images,
@@ -66,7 +67,7 @@ def test_reduce_edge_cases():
     reduced, none = tta_reduce(output, None, 2)
     assert none is None and reduced.shape == (2, 3)
     with pytest.raises(ValueError, match=r'--tta 3: the batch has 4 outputs, not a multiple of 3'):
-        tta_reduce(output, target, 3)
+        tta_reduce(output, target, 3, names=TTA_FLAGS)
     with pytest.raises(ValueError, match='4 outputs but 2 targets'):
         tta_reduce(output, target[:2], 2)
 
@@ -76,9 +77,27 @@ def test_check_tta():
         check_tta(ok)
     check_tta(4, custom_views=True)
     with pytest.raises(ValueError, match=r'^--tta -1: expected an integer >= 0'):
-        check_tta(-1)
+        check_tta(-1, names=TTA_FLAGS)
     with pytest.raises(ValueError, match=r'^--tta 3: .*takes 0 \(off\), 1 \(off\) or 2$'):
+        check_tta(3, names=TTA_FLAGS)
+
+
+def test_messages_name_the_keyword_and_through_names_the_flag():
+    # The library's words: its keywords (check_tta's ``tta``, the others' ``factor``).
+    with pytest.raises(ValueError, match=r'^tta 3: .*so tta takes 0 \(off\), 1 \(off\) or 2$'):
         check_tta(3)
+    with pytest.raises(ValueError, match=r'^factor 3: the test-time views .*so factor takes 0'):
+        tta_views(3)
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r'^factor 3: the batch has 4 outputs, not a multiple of 3'):
+        tta_reduce(x, None, 3)
+    with pytest.raises(ValueError, match=r'^factor 2: got 1 views, expected 2$'):
+        tta_expand(x, 2, [lambda b: b])
+    # train.py's words: its mapping names --tta for both keywords.
+    with pytest.raises(ValueError, match=r'^--tta 3: .*so --tta takes 0 \(off\), 1 \(off\) or 2$'):
+        tta_views(3, names=TTA_FLAGS)
+    with pytest.raises(ValueError, match=r'^--tta 2: got 1 views, expected 2$'):
+        tta_forward(nn.Identity(), x, 2, [lambda b: b], names=TTA_FLAGS)
 
 
 def test_expand_puts_copies_next_to_each_other():

@@ -1,4 +1,8 @@
-"""timm's classification-loss factory, extended with ``loss_type='gsl'``."""
+"""timm's classification-loss factory, extended with ``loss_type='gsl'``.
+
+Messages name options by their keywords; :func:`resolve_gsl_type` takes ``names`` (:mod:`timm_gsl.naming`), through
+which train.py names its flags (``--gsl-type``, ``--train-num-samples``).
+"""
 from __future__ import annotations
 
 import inspect
@@ -12,6 +16,7 @@ from timm.loss import create_classification_loss as timm_create_classification_l
 from .loss import GroupSoftmaxLoss
 
 from .functional import LOSS_TYPES as GSL_TYPES
+from .naming import Names, option_name
 
 __all__ = ['GSL_AUTO_THRESHOLD', 'GSL_TYPE_CHOICES', 'LOSS_TYPES', 'create_classification_loss', 'resolve_gsl_type']
 
@@ -84,21 +89,26 @@ def create_classification_loss(
         groups=gsl_groups, loss_type=gsl_type, grouping=gsl_grouping, smoothing=0. if soft_targets else smoothing)
 
 
-def resolve_gsl_type(gsl_type: str, num_train_images: Optional[int]) -> str:
+def resolve_gsl_type(gsl_type: str, num_train_images: Optional[int], *, names: Names = None) -> str:
     """The group softmax loss type to train with: 'I' or 'II', choosing for 'auto' by data size.
 
     Args:
         gsl_type: 'I', 'II' or 'auto'.
         num_train_images: size of the training set (needed for 'auto').
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword
+            (``gsl_type``, ``num_train_images``).
 
     Returns:
         'I' or 'II'. 'auto' gives Type-II below :data:`GSL_AUTO_THRESHOLD` images, Type-I from there.
     """
+    type_name = option_name('gsl_type', names)
     if gsl_type != 'auto':
         if gsl_type not in GSL_TYPES:
+            # Named by its keyword even with ``names``: train.py (a -c/--config value skips argparse's choices)
+            # has always said gsl_type here.
             raise ValueError(f"gsl_type must be one of {GSL_TYPE_CHOICES}, got {gsl_type!r}.")
         return gsl_type
     if num_train_images is None:
-        raise ValueError("--gsl-type auto needs the number of training images, which this dataset does not "
-                         "report; pass --train-num-samples N or choose --gsl-type I or II.")
+        raise ValueError(f"{type_name} auto needs the number of training images, which this dataset does not "
+                         f"report; pass {option_name('num_train_images', names)} N or choose {type_name} I or II.")
     return 'II' if num_train_images < GSL_AUTO_THRESHOLD else 'I'

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from .naming import Names, option_name
 
 __all__ = [
     'NAFLEX_LOSS_SCALES',
@@ -71,8 +74,6 @@ _USE_NAFLEX_ENV = {
 }
 
 IntOrPair = Union[int, Tuple[int, int]]
-# Keyword -> how a message names it (a command line passes its flags); a keyword not in it names itself.
-Names = Optional[Mapping[str, str]]
 
 
 def _fmt(values: Any) -> str:
@@ -81,12 +82,6 @@ def _fmt(values: Any) -> str:
     if isinstance(values, (list, tuple)):
         return ' '.join(str(v) for v in values)
     return str(values)
-
-
-def _namer(names: Names) -> Callable[[str], str]:
-    """How messages name an option: ``names[keyword]`` when given, else the keyword itself."""
-    table = dict(names or {})
-    return lambda keyword: table.get(keyword, keyword)
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -188,7 +183,7 @@ def check_naflex_options(
     """
     if not naflex_loader:
         return
-    n = _namer(names)
+    n = partial(option_name, names=names)
     if is_naflex_model_name(model_name, model_kwargs) is False:
         raise ValueError(f'{n("naflex_loader")} needs a NaFlex model (timm\'s naflexvit family, or a ViT with '
                          f'{n("model_kwargs")} use_naflex=True), got {n("model_name")} {model_name}')
@@ -275,7 +270,7 @@ def check_naflex_model(
     Raises:
         ValueError: one line naming the option, the value and what is allowed.
     """
-    n = _namer(names)
+    n = partial(option_name, names=names)
     inner = _unwrap(model)
     name = model_name or type(inner).__name__
     if not is_naflex_model(inner):
@@ -329,7 +324,7 @@ def create_naflex_mixup(
     """
     if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None):
         return None
-    _check_naflex_mixup(cutmix_minmax, mixup_mode, _namer(names))
+    _check_naflex_mixup(cutmix_minmax, mixup_mode, partial(option_name, names=names))
     from timm.data import NaFlexMixup
     return NaFlexMixup(
         num_classes=num_classes,
@@ -437,7 +432,7 @@ def create_naflex_train_loader(
         ValueError: the dataset has a transform of its own, or an option is invalid.
     """
     from timm.data import create_naflex_loader
-    _check_untransformed(dataset, _namer(names))
+    _check_untransformed(dataset, partial(option_name, names=names))
     check_naflex_options(naflex_loader=True, batch_size=batch_size, train_seq_lens=train_seq_lens,
                          patch_sizes=patch_sizes, patch_size_probs=patch_size_probs, names=names)
     augmentation = _train_augmentation_kwargs(
@@ -550,7 +545,7 @@ def create_naflex_eval_loader(
         A loader of ``(input dict, target)`` batches.
     """
     from timm.data import create_naflex_loader
-    _check_max_seq_len(max_seq_len, _namer(names))
+    _check_max_seq_len(max_seq_len, partial(option_name, names=names))
     return create_naflex_loader(
         dataset=dataset,
         patch_size=_pair(model_patch_size),
@@ -650,7 +645,7 @@ def naflex_loss_scale(batch_size: int, base_batch_size: int, mode: str = 'linear
         with 'sqrt' (``if local_scale == 'sqrt'``), so there 'sqrt' scales linearly; here 'sqrt'
         takes the square root, as the flag says.
     """
-    n = _namer(names)
+    n = partial(option_name, names=names)
     if mode not in NAFLEX_LOSS_SCALES:
         raise ValueError(f'{n("mode")} {mode!r}: expected one of {", ".join(NAFLEX_LOSS_SCALES)}')
     if mode == 'none':

@@ -14,12 +14,23 @@ from typing import Callable, Mapping, Optional, Union
 from timm.utils import ParseKwargs
 
 __all__ = [
-    'DATA_FLAGS', 'NAFLEX_FLAGS', 'add_dataset_flags', 'add_device_flags', 'add_loader_flags', 'add_model_flags',
-    'add_naflex_flags', 'class_subset_value', 'dataset_root', 'input_channels',
+    'CHECKPOINT_FLAGS', 'DATA_FLAGS', 'DATA_SOURCE_FLAGS', 'NAFLEX_FLAGS', 'add_dataset_flags', 'add_device_flags',
+    'add_loader_flags', 'add_model_flags', 'add_naflex_flags', 'class_subset_value', 'dataset_root', 'input_channels',
 ]
 
 # Options that name the data; with none of them set, the commands use the embedded Fashion-MNIST subset.
 DATA_FLAGS = ('data', 'data_dir', 'dataset')
+
+# How the commands' messages name the keywords of timm_gsl.data's checks of a dataset root (check_data_source,
+# check_no_empty_class; their ``names`` argument): keyword -> flag.
+DATA_SOURCE_FLAGS: Mapping[str, str] = MappingProxyType({
+    'name': '--dataset',
+    'root': '--data-dir',
+})
+
+# How the commands' messages name the keywords of timm_gsl.engine.check_checkpoint_fits (its ``names``): the
+# architecture the weights must fit is the model's, --model.
+CHECKPOINT_FLAGS: Mapping[str, str] = MappingProxyType({'arch': '--model'})
 
 # How the commands' messages name the keywords of timm_gsl.naflex (its ``names`` argument): keyword -> flag.
 # The NaFlex flags are declared in add_naflex_flags; the others belong to the model, batch and augmentation.

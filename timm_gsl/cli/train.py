@@ -49,13 +49,14 @@ from ..loss_factory import GSL_AUTO_THRESHOLD, resolve_gsl_type
 from ..record import RECORD_KEY, EvaluationRecord, RunRecord, from_training_arguments
 from ..naflex import check_naflex_model, set_naflex_epoch
 from .common import exit_with_error, resolve_device, setup_logging
-from .flags import NAFLEX_FLAGS, input_channels
+from .flags import CHECKPOINT_FLAGS, DATA_SOURCE_FLAGS, NAFLEX_FLAGS, input_channels
 from .train_build import Datasets, Loaders, Precision, Settings, adapt_batch_norm, build_datasets, build_loaders
 from .train_build import build_model, build_naflex_loaders, build_precision, build_schedule, build_settings
 from .train_build import build_task, check_groups_fit, mixup_active, prepare_task, probe_model, read_checkpoints
 from .train_build import check_data_sizes, resolve_classes_and_loss, resolve_learning_rate
 from .train_calibrate import calibrate_checkpoints
-from .train_args import DISTILLATION_FLAGS, EMBEDDED_RECIPE, apply_embedded_recipe, check_args, format_args
+from .train_args import DISTILLATION_FLAGS, EMBEDDED_RECIPE, RUN_FOLDER_FLAGS, TTA_FLAGS, apply_embedded_recipe
+from .train_args import check_args, format_args
 from .train_args import get_args_parser, loss_name, parse_args, training_command, uses_embedded_recipe
 
 __all__ = [
@@ -170,7 +171,7 @@ def build_run(args: argparse.Namespace) -> Run:
     """
     settings = build_settings(args)
     check_data_source(args.dataset, settings.data_dir, (args.train_split, args.val_split),
-                      flag='--data-dir' if args.data_dir else 'DIR')
+                      flag='--data-dir' if args.data_dir else 'DIR', names=DATA_SOURCE_FLAGS)
     if args.loss == 'gsl':
         probe = probe_model(args)
         if probe is not None:
@@ -186,7 +187,7 @@ def build_run(args: argparse.Namespace) -> Run:
         check_groups_fit(args, model)
     updates_done = 0
     if resume_checkpoint is not None:
-        check_checkpoint_fits(resume_checkpoint, model, args.model, '--resume', args.resume)
+        check_checkpoint_fits(resume_checkpoint, model, args.model, '--resume', args.resume, names=CHECKPOINT_FLAGS)
         # A recovery checkpoint was written inside its epoch: continue that epoch after its last update.
         updates_done = int((resume_checkpoint.get('saver') or {}).get('updates_done') or 0)
         del resume_checkpoint
@@ -270,12 +271,12 @@ def _claim_output_folder(run: Run) -> RunFolder:
     args = run.args
     root = args.output or './output/train'
     if args.experiment:
-        return claim_run_folder(os.path.join(root, args.experiment), args.resume)
+        return claim_run_folder(os.path.join(root, args.experiment), args.resume, names=RUN_FOLDER_FLAGS)
     name = '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
                      str(run.data_config['input_size'][-1])])
     for suffix in [''] + [f'-{i}' for i in range(1, 100)]:
         try:
-            return claim_run_folder(os.path.join(root, name + suffix), args.resume)
+            return claim_run_folder(os.path.join(root, name + suffix), args.resume, names=RUN_FOLDER_FLAGS)
         except RunFolderError:
             continue  # another run took this name in the same second
     raise RunFolderError(f'--output {root!r}: 100 runs named {name!r} already; pass --experiment NAME.')
@@ -298,11 +299,11 @@ def _training_state(run: Run, outputs: _Outputs, progress: bool) -> TrainingStat
 
 
 def _tta_options(run: Run) -> Dict[str, Any]:
-    """How the test-time views are made: for NaFlex batches, the patch layout to mirror."""
+    """How the test-time views are made: for NaFlex batches, the patch layout to mirror; the messages name --tta."""
     if run.loaders.naflex_patch_size is None:
-        return {}
+        return dict(names=TTA_FLAGS)
     return dict(patch_size=run.loaders.naflex_patch_size, channels=input_channels(run.args),
-                channels_last=not run.args.naflex_patchify_channels_first)
+                channels_last=not run.args.naflex_patchify_channels_first, names=TTA_FLAGS)
 
 
 def _softmax_loss_picker(args: argparse.Namespace) -> Callable[[Dict[str, Any]], Optional[torch.Tensor]]:

@@ -19,7 +19,8 @@ import math
 import os
 import shlex
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,9 +45,10 @@ from .flags import DATA_FLAGS, add_dataset_flags, add_device_flags, add_loader_f
 from .flags import NAFLEX_FLAGS, add_naflex_flags, dataset_root, input_channels
 
 __all__ = [
-    'CALIBRATION_SOURCES', 'DATA_FLAGS', 'DISTILLATION_FLAGS', 'EMBEDDED_RECIPE', 'MIN_CALIBRATION_IMAGES',
-    'TRAIN_LOSSES', 'apply_embedded_recipe', 'calibrates', 'check_args', 'format_args',
-    'get_args_parser', 'loss_name', 'parse_args', 'training_command', 'uses_embedded_recipe',
+    'CALIBRATION_SOURCES', 'DATA_FLAGS', 'DISTILLATION_FLAGS', 'EMBEDDED_RECIPE', 'LOSS_FLAGS',
+    'MIN_CALIBRATION_IMAGES', 'RUN_FOLDER_FLAGS', 'TRAIN_LOSSES', 'TTA_FLAGS', 'apply_embedded_recipe', 'calibrates',
+    'check_args', 'format_args', 'get_args_parser', 'loss_name', 'parse_args', 'training_command',
+    'uses_embedded_recipe',
 ]
 
 _logger = logging.getLogger('timm_gsl.train')
@@ -402,6 +404,25 @@ train.py passes to the distillation functions, so their errors name its flags.
 All are timm's ``train.py`` flags except ``--kd-pretrained-path``, which timm's ``train.py`` does not have
 (its ``DistillationTeacher`` takes the path as ``pretrained_path``)."""
 
+LOSS_FLAGS: Mapping[str, str] = MappingProxyType({
+    'gsl_type': '--gsl-type',
+    'num_train_images': '--train-num-samples',
+})
+"""The flags the keywords of :func:`timm_gsl.loss_factory.resolve_gsl_type` stand for (its ``names``)."""
+
+TTA_FLAGS: Mapping[str, str] = MappingProxyType({'tta': '--tta', 'factor': '--tta'})
+"""The flag the keywords of :mod:`timm_gsl.engine.tta` stand for (its functions' ``names``): ``tta``
+(:func:`~timm_gsl.engine.tta.check_tta`) and ``factor`` (the others) are both ``--tta``."""
+
+RUN_FOLDER_FLAGS: Mapping[str, str] = MappingProxyType({
+    'folder': '--output/--experiment',
+    'resume': '--resume',
+    'experiment': '--experiment',
+    'output': '--output',
+})
+"""The flags the keywords of :mod:`timm_gsl.engine.run_folder` stand for (its functions' ``names``); where the
+folder's flags and values are known, ``folder`` names them (``--output out --experiment run``)."""
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The parser of ``train.py``: every flag of timm's ``train.py`` plus the group softmax loss's.
@@ -654,7 +675,7 @@ def _check_distillation_flags(args: argparse.Namespace, parser: argparse.Argumen
 
 def _check_naflex_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """NaFlex flags need --naflex-loader and a NaFlex model; --tta takes what the evaluation can make."""
-    check_tta(args.tta)
+    check_tta(args.tta, names=TTA_FLAGS)
     naflex = [f for f in _non_default(args, parser, 'naflex_') if f != '--naflex-loader']
     if not args.naflex_loader:
         if naflex:
@@ -755,7 +776,8 @@ def _check_output_folder(args: argparse.Namespace) -> None:
     flag = ' '.join(f for f in (f'--output {args.output}' if args.output else '',
                                 f'--experiment {args.experiment}' if args.experiment else '') if f) or '--output'
     # Without --experiment the folder gets a new timestamped name: only the parent is checked.
-    check_run_folder(os.path.join(root, args.experiment or '.a-new-run'), args.resume, flag)
+    check_run_folder(os.path.join(root, args.experiment or '.a-new-run'), args.resume,
+                     names={**RUN_FOLDER_FLAGS, 'folder': flag})
 
 
 def _check_names_and_files(args: argparse.Namespace) -> None:

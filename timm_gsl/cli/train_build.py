@@ -33,8 +33,8 @@ from ..loss_factory import GSL_AUTO_THRESHOLD, create_classification_loss, resol
 from ..naflex import create_naflex_eval_loader, create_naflex_mixup, create_naflex_train_loader
 from ..task import GroupSoftmaxTask
 from .common import one_line
-from .flags import NAFLEX_FLAGS, dataset_root, input_channels
-from .train_args import DISTILLATION_FLAGS, MIN_CALIBRATION_IMAGES, calibrates, loss_name
+from .flags import CHECKPOINT_FLAGS, NAFLEX_FLAGS, dataset_root, input_channels
+from .train_args import DISTILLATION_FLAGS, LOSS_FLAGS, MIN_CALIBRATION_IMAGES, calibrates, loss_name
 
 __all__ = [
     'Datasets', 'Loaders', 'Precision', 'Settings', 'adapt_batch_norm', 'build_datasets', 'build_loaders',
@@ -403,7 +403,8 @@ def build_model(args: argparse.Namespace, settings: Settings,
         # Loaded as timm's create_model(checkpoint_path=...) would, after checking the weights fit.
         if initial_checkpoint is None:
             initial_checkpoint = read_checkpoint(args.initial_checkpoint, '--initial-checkpoint')
-        check_checkpoint_fits(initial_checkpoint, model, args.model, '--initial-checkpoint', args.initial_checkpoint)
+        check_checkpoint_fits(initial_checkpoint, model, args.model, '--initial-checkpoint', args.initial_checkpoint,
+                              names=CHECKPOINT_FLAGS)
         load_checkpoint(model, args.initial_checkpoint)
     _initialise_head(model, args)
     if settings.num_classes is None:
@@ -755,7 +756,7 @@ def resolve_classes_and_loss(args: argparse.Namespace, settings: Settings, datas
         raise ValueError(f'--num-classes {args.num_classes} disagrees with the training data, which has '
                          f'{len(names)} classes; expected --num-classes {len(names)} (or leave it unset).')
     if args.loss == 'gsl':
-        settings.gsl_type = resolve_gsl_type(args.gsl_type, datasets.num_train)
+        settings.gsl_type = resolve_gsl_type(args.gsl_type, datasets.num_train, names=LOSS_FLAGS)
         if args.gsl_type == 'auto':
             _logger.info(f'--gsl-type auto: Type-{settings.gsl_type}, as the training set has {datasets.num_train} '
                          f'images ({"below" if settings.gsl_type == "II" else "at or above"} {GSL_AUTO_THRESHOLD}).')

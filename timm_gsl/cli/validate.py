@@ -67,7 +67,7 @@ from .common import ArgumentParser, check_at_least, check_can_create, check_clas
 from .common import check_model_name, check_pretrained_weights, exit_with_error, explicit_dests, one_line
 from .common import resolve_device, setup_logging
 from .flags import add_dataset_flags, add_device_flags, add_loader_flags, add_model_flags, add_naflex_flags
-from .flags import class_subset_value, dataset_root
+from .flags import CHECKPOINT_FLAGS, DATA_SOURCE_FLAGS, class_subset_value, dataset_root
 
 __all__ = [
     'METRICS_AVERAGES',
@@ -449,7 +449,8 @@ def check_args(args: argparse.Namespace) -> None:
         if path:
             check_file(path, flag)
     gsl_data.check_data_source(args.dataset, dataset_root(args), (args.split,),
-                               flag='--data-dir' if args.data_dir else 'DIR', require_root=False)
+                               flag='--data-dir' if args.data_dir else 'DIR', require_root=False,
+                               names=DATA_SOURCE_FLAGS)
     if args.results_file:
         folder = os.path.dirname(args.results_file) or '.'
         if os.path.isdir(args.results_file):
@@ -694,7 +695,8 @@ def _check_weights_fit(model: nn.Module, ev: _Evaluation, args: argparse.Namespa
     weights = checkpoint
     if args.use_ema and isinstance(checkpoint.get('state_dict_ema'), dict):
         weights = dict(state_dict=checkpoint['state_dict_ema'], arch=checkpoint.get('arch'))
-    check_checkpoint_fits(weights, model, ev.model.architecture, '--checkpoint', args.checkpoint)
+    check_checkpoint_fits(weights, model, ev.model.architecture, '--checkpoint', args.checkpoint,
+                          names=CHECKPOINT_FLAGS)
 
 
 def _prepare_model(model: nn.Module, ev: _Evaluation, args: argparse.Namespace, device: torch.device,

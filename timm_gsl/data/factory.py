@@ -1,7 +1,9 @@
 """``create_dataset``: the embedded dataset or any timm dataset, under the paper's data conditions.
 
 Also :func:`create_eval_dataset`, the one place a run's evaluation images are read again from its run record,
-and the cheap checks of a dataset root that run before any dataset is scanned.
+and the cheap checks of a dataset root that run before any dataset is scanned. Their messages name the dataset
+and its root by keyword (``name``, ``root``), or through ``names`` (:mod:`timm_gsl.naming`; the command lines
+pass their flags, ``--dataset`` and ``--data-dir``).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch.utils.data
 
+from ..naming import Names, option_name
 from ..record import DataRecord
 from .conditions import apply_data_conditions, check_samples_per_class, check_seed, parse_class_subset
 from .embedded import EMBEDDED_DATASET, EMBEDDED_PREFIX, create_embedded, is_embedded
@@ -106,8 +109,8 @@ def reads_local_folder(name: str) -> bool:
     return not name.startswith(DOWNLOADING_PREFIXES) and not is_embedded(name)
 
 
-def check_data_source(name: str, root: Optional[str], splits: Sequence[str], flag: str = '--data-dir',
-                      require_root: bool = True) -> None:
+def check_data_source(name: str, root: Optional[str], splits: Sequence[str], flag: Optional[str] = None,
+                      require_root: bool = True, *, names: Names = None) -> None:
     """Refuse a dataset root that does not exist, or an image folder with an empty class.
 
     Cheap: it looks at the folder, not at the images, so it runs before any dataset is scanned.
@@ -116,26 +119,33 @@ def check_data_source(name: str, root: Optional[str], splits: Sequence[str], fla
         name: the dataset name (``--dataset``).
         root: the dataset root (``--data-dir`` or the positional ``DIR``), or None.
         splits: the splits that will be read (checked for empty classes in a plain image folder).
-        flag: how the user named ``root``, for the message.
+        flag: how the user named ``root``, for the message about a root that does not exist (None: as
+            ``names`` names ``root``).
         require_root: refuse a local-folder dataset without a root (train.py); validate.py lets timm say.
+        names: keyword -> how the messages name it (the command lines pass their flags); default: the keyword
+            (``name``, ``root``).
 
     Raises:
-        ValueError: naming ``flag``, the path and what is expected.
+        ValueError: naming the option (``flag``, ``name`` or ``root``), the path and what is expected.
     """
     if not reads_local_folder(name):
         return
+    root_name = option_name('root', names)
     if not root:
         if require_root:
-            raise ValueError(f"--dataset {name!r} reads images from a local folder or tar, but no --data-dir was "
-                             f"given; expected --data-dir PATH (or no data flag at all for the embedded set).")
+            raise ValueError(f"{option_name('name', names)} {name!r} reads images from a local folder or tar, but no "
+                             f"{root_name} was given; expected {root_name} PATH (or no data flag at all for the "
+                             f"embedded set).")
         return
+    if flag is None:
+        flag = root_name
     if not os.path.exists(root):
         under = ' and '.join(f'{s}/' for s in splits)
         raise ValueError(f"{flag} {root!r}: no such file or folder; expected an existing image folder (one "
                          f"sub-folder per class, optionally under {under}) or a tar file.")
     if require_root and os.path.isdir(root) and (name or '').lower() in ('', 'folder'):
         for split in splits:
-            check_no_empty_class(_split_folder(root, split), split)
+            check_no_empty_class(_split_folder(root, split), split, names=names)
 
 
 def _split_folder(root: str, split: str) -> str:
@@ -146,7 +156,7 @@ def _split_folder(root: str, split: str) -> str:
     return _search_split(root, split)
 
 
-def check_no_empty_class(folder: str, split: str) -> None:
+def check_no_empty_class(folder: str, split: str, *, names: Names = None) -> None:
     """Refuse an image folder with a class sub-folder that holds no images.
 
     timm's folder reader derives the classes from the images it finds, so an empty class folder
@@ -155,17 +165,19 @@ def check_no_empty_class(folder: str, split: str) -> None:
     Args:
         folder: the split's folder, whose sub-folders are the classes.
         split: the split's name, for the message.
+        names: keyword -> how the message names it (the command lines pass their flags); default: the keyword
+            (``root``, the dataset root).
 
     Raises:
-        ValueError: naming ``--data-dir``, the class folder, the split and what is expected.
+        ValueError: naming the dataset root, the class folder, the split and what is expected.
     """
     from timm.data import get_img_extensions
     extensions = tuple(get_img_extensions(as_set=True))
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not entry.is_dir() or entry.name.startswith('.'):
             continue
-        has_image = any(f.lower().endswith(extensions) for _, _, names in os.walk(entry.path) for f in names)
+        has_image = any(f.lower().endswith(extensions) for _, _, files in os.walk(entry.path) for f in files)
         if not has_image:
-            raise ValueError(f"--data-dir: class folder {entry.path!r} of split {split!r} holds no images "
-                             f"(extensions {sorted(extensions)}); expected at least one image per class, or remove "
-                             f"the folder.")
+            raise ValueError(f"{option_name('root', names)}: class folder {entry.path!r} of split {split!r} holds no "
+                             f"images (extensions {sorted(extensions)}); expected at least one image per class, or "
+                             f"remove the folder.")

@@ -29,7 +29,7 @@ or for feature distillation the student with the projection), and the teacher st
 frozen, outside both.
 
 Errors name each option by its keyword (``distill_type 'attention'``); functions that raise them take
-``names``, a mapping of keywords to how a command line spells them (train.py passes
+``names``, a mapping of keywords to how a command line spells them (:mod:`timm_gsl.naming`; train.py passes
 :data:`timm_gsl.cli.train_args.DISTILLATION_FLAGS`).
 
 Where things are:
@@ -40,7 +40,7 @@ Where things are:
   creation as a frozen :class:`timm.task.DistillationTeacher`, the channels of its renormalisation;
 * :mod:`.tasks`: the three ``GroupSoftmax*DistillationTask`` classes and the set-up and forward they share;
 * :mod:`.factory`: :func:`create_distillation_task` and its checks of the student and the task loss;
-* :mod:`.messages`: how errors name an option (keyword, or ``names``) and fit one line.
+* :mod:`.messages`: how errors fit one line (how they name an option is :mod:`timm_gsl.naming`'s).
 """
 from .factory import create_distillation_task
 from .options import (

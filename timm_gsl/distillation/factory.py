@@ -20,7 +20,7 @@ from ..head import classifier_layers
 from ..loss import GroupSoftmaxLoss
 from ..loss_factory import create_classification_loss
 from ..task import group_softmax_criterion
-from .messages import Names, option_name, option_value
+from ..naming import Names, option_name, option_value
 from .options import _DEFAULT_TEMPERATURE, _is_number, check_distillation_options
 from .tasks import (
     GroupSoftmaxFeatureDistillationTask, GroupSoftmaxLogitDistillationTask, GroupSoftmaxTokenDistillationTask,

@@ -3,7 +3,7 @@
 :func:`check_distillation_options` refuses, in one line, what cannot run or would have no effect,
 including a teacher name that cannot resolve to weights of the student's classes
 (:func:`_check_teacher_name`). Errors name each option by its keyword, or through ``names`` as a command
-line spells it (:mod:`timm_gsl.distillation.messages`).
+line spells it (:mod:`timm_gsl.naming`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch.nn as nn
 from timm.models import is_model, parse_model_name, resolve_pretrained_cfg, split_model_name_tag
 
 from ..loss_factory import LOSS_TYPES
-from .messages import Names, one_line, option_name, option_value
+from ..naming import Names, option_name, option_value
+from .messages import one_line
 from .teacher import _class_mismatch, _local_dir_config
 
 DISTILL_TYPES: Tuple[str, ...] = ('logit', 'feature', 'token')

@@ -20,7 +20,8 @@ from timm.task import DistillationTeacher, FeatureDistillationTask, TrainingTask
 from timm.utils import unwrap_model
 
 from ..head import UnsupportedModelError, classifier_layers
-from .messages import Names, one_line, option_name, option_value
+from ..naming import Names, option_name, option_value
+from .messages import one_line
 
 
 def _local_dir_config(teacher: str, folder: str, names: Names = None) -> Dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Safe reading of checkpoints: tensors and plain containers only, one-line errors, shape checks."""
+"""Safe reading of checkpoints: tensors and plain containers only, one-line errors, shape checks.
+
+The messages name the checkpoint as the caller's ``flag`` says, and the architecture by its keyword (``arch``) or
+through ``names`` (:mod:`timm_gsl.naming`; the command lines name their ``--model``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +15,7 @@ import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
 
+from ..naming import Names, option_name
 from .atomic import atomic_path
 
 __all__ = ['add_checkpoint_entries', 'check_checkpoint_fits', 'read_checkpoint']
@@ -113,7 +118,8 @@ def add_checkpoint_entries(path: str, entries: Mapping[str, Any]) -> None:
         torch.save(checkpoint, tmp)
 
 
-def check_checkpoint_fits(checkpoint: Dict[str, Any], model: nn.Module, arch: str, flag: str, path: str) -> None:
+def check_checkpoint_fits(checkpoint: Dict[str, Any], model: nn.Module, arch: str, flag: str, path: str, *,
+                          names: Names = None) -> None:
     """Refuse a checkpoint whose weights do not fit ``model``: other names or other shapes.
 
     Args:
@@ -122,6 +128,8 @@ def check_checkpoint_fits(checkpoint: Dict[str, Any], model: nn.Module, arch: st
         arch: the ``--model`` name, for the message (checkpoints of train.py record theirs as ``arch``).
         flag: the flag that named the checkpoint.
         path: its path.
+        names: keyword -> how the message names it (the command lines pass their flags); default: the keyword
+            (``arch``).
 
     Raises:
         ValueError: naming the flag, the checkpoint's architecture and the first mismatches (or the first values
@@ -148,8 +156,8 @@ def check_checkpoint_fits(checkpoint: Dict[str, Any], model: nn.Module, arch: st
         if reshaped:
             problems.append(f'{len(reshaped)} of another shape, e.g. {reshaped[:3]}')
         raise ValueError(f'{flag} {path!r} is a checkpoint of {saved_arch or "an unknown architecture"!s}, which '
-                         f'does not fit --model {arch}: {"; ".join(problems)}. Expected a checkpoint of the same '
-                         f'architecture, number of classes and input channels.')
+                         f'does not fit {option_name("arch", names)} {arch}: {"; ".join(problems)}. Expected a '
+                         f'checkpoint of the same architecture, number of classes and input channels.')
     if saved_arch and saved_arch != arch:
         _logger.warning(f'{flag} {path!r} records architecture {saved_arch!r}, not {arch!r}, but its weights fit; '
                         f'loading them.')

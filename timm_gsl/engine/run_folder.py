@@ -5,6 +5,10 @@ run may create a folder or use an empty one; a run that resumes from a checkpoin
 continue it. :func:`claim_run_folder` takes an exclusive lock on the folder for the life of the run (an
 ``flock`` on the folder itself, released by the kernel when the process ends, however it ends), so two live
 runs never interleave their files, and removes the hidden temporary files a killed run left behind.
+
+Messages name the options by keyword (``folder``, ``resume``, and ``experiment`` / ``output`` for the two
+ways to choose another folder); the functions take ``names`` (:mod:`timm_gsl.naming`), through which train.py
+names its flags (``--output/--experiment``, ``--resume``).
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import errno
 import fcntl
 import os
 from typing import List, Optional
+
+from ..naming import Names, option_name
 
 __all__ = ['RUN_FILES', 'RunFolder', 'RunFolderError', 'check_run_folder', 'claim_run_folder', 'run_files']
 
@@ -36,20 +42,33 @@ def _resumes_here(folder: str, resume: Optional[str]) -> bool:
     return bool(resume) and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(folder)
 
 
-def check_run_folder(folder: str, resume: Optional[str] = None, flag: str = '--output/--experiment') -> None:
+def _another_folder(names: Names) -> str:
+    """How the messages say to choose another folder: ``experiment (or output)``, or through ``names``."""
+    return f"{option_name('experiment', names)} (or {option_name('output', names)})"
+
+
+def check_run_folder(folder: str, resume: Optional[str] = None, *, names: Names = None) -> None:
     """Refuse a folder another run owns (unless resuming from a checkpoint in it) or that cannot be written.
 
     Cheap, and meant to run before anything is built; :func:`claim_run_folder` repeats it under the lock.
 
+    Args:
+        folder: the run's output folder.
+        resume: the checkpoint the run resumes from, if any (a checkpoint inside ``folder`` continues its run).
+        names: keyword -> how the messages name it (train.py passes its flags, and as ``folder`` how the user
+            named the folder); default: the keyword (``folder``, ``resume``, ``experiment``, ``output``).
+
     Raises:
         RunFolderError: one line naming the folder, what it holds and the two ways on.
     """
+    flag = option_name('folder', names)
     owned = run_files(folder)
     if owned and not _resumes_here(folder, resume):
         shown = ', '.join(owned[:4]) + (', ...' if len(owned) > 4 else '')
         raise RunFolderError(f'{flag}: {folder!r} already holds a run ({shown}); a new run never writes into another '
-                         f"run's folder: pass --resume {os.path.join(folder, 'last.pth.tar')} to continue it, or "
-                         f'choose another --experiment (or --output).')
+                             f"run's folder: pass {option_name('resume', names)} "
+                             f"{os.path.join(folder, 'last.pth.tar')} to continue it, or choose another "
+                             f'{_another_folder(names)}.')
     existing = folder
     while not os.path.exists(existing):
         parent = os.path.dirname(existing)
@@ -75,13 +94,14 @@ class RunFolder:
             self._fd = None
 
 
-def claim_run_folder(folder: str, resume: Optional[str] = None, flag: str = '--output/--experiment') -> RunFolder:
+def claim_run_folder(folder: str, resume: Optional[str] = None, *, names: Names = None) -> RunFolder:
     """Create ``folder`` if needed, lock it for this process, and check that this run may write there.
 
     Args:
         folder: the run's output folder.
         resume: the ``--resume`` checkpoint, if any (a checkpoint inside ``folder`` continues its run).
-        flag: how the user named the folder, for the messages.
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword (``folder``,
+            ``resume``, ``experiment``, ``output``).
 
     Returns:
         The held lock.
@@ -96,11 +116,12 @@ def claim_run_folder(folder: str, resume: Optional[str] = None, flag: str = '--o
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise RunFolderError(f'{flag}: another live run is writing into {folder!r}; two runs never share a folder: '
-                             f'wait for it to end, or choose another --experiment (or --output).') from None
+            raise RunFolderError(f"{option_name('folder', names)}: another live run is writing into {folder!r}; two "
+                                 f'runs never share a folder: wait for it to end, or choose another '
+                                 f'{_another_folder(names)}.') from None
         raise
     try:
-        check_run_folder(folder, resume, flag)
+        check_run_folder(folder, resume, names=names)
     except RunFolderError:
         os.close(fd)
         raise

@@ -14,6 +14,9 @@ expanded batch, and :func:`tta_reduce` is timm's reduction. :func:`tta_forward` 
 evaluation loader stays as it is (same samples, same targets, same distributed sharding), so the
 metrics count each sample once. Images (B x C x H x W) and NaFlex dicts (``patches``,
 ``patch_coord``, ``patch_valid``) are both supported.
+
+Messages name the factor by its keyword (``tta`` in :func:`check_tta`, ``factor`` elsewhere); the functions
+take ``names`` (:mod:`timm_gsl.naming`), through which train.py names its flag ``--tta``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from ..naming import Names, option_name
 
 __all__ = [
     'MAX_BUILTIN_TTA',
@@ -41,20 +46,22 @@ View = Callable[[Batch], Batch]
 MAX_BUILTIN_TTA = 2
 
 
-def check_tta(tta: int, *, custom_views: bool = False) -> None:
+def check_tta(tta: int, *, custom_views: bool = False, names: Names = None) -> None:
     """Check a ``--tta`` value.
 
     Args:
         tta: the test-time augmentation factor; 0 and 1 mean off.
         custom_views: the caller passes its own ``views`` to :func:`tta_expand`, so any N >= 2 works.
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword (``tta``).
 
     Raises:
-        ValueError: one line naming the flag, the value and what is allowed.
+        ValueError: one line naming the option, the value and what is allowed.
     """
+    name = option_name('tta', names)
     if not isinstance(tta, int) or isinstance(tta, bool) or tta < 0:
-        raise ValueError(f'--tta {tta}: expected an integer >= 0 (0 or 1: off, N: average N views of each sample)')
+        raise ValueError(f'{name} {tta}: expected an integer >= 0 (0 or 1: off, N: average N views of each sample)')
     if tta > MAX_BUILTIN_TTA and not custom_views:
-        raise ValueError(f'--tta {tta}: the test-time views are each image and its horizontal mirror, so --tta '
+        raise ValueError(f'{name} {tta}: the test-time views are each image and its horizontal mirror, so {name} '
                          f'takes 0 (off), 1 (off) or 2')
 
 
@@ -62,6 +69,8 @@ def tta_reduce(
         output: torch.Tensor,
         target: Optional[torch.Tensor],
         factor: int,
+        *,
+        names: Names = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm's test-time-augmentation reduction: average every ``factor`` consecutive outputs.
 
@@ -74,6 +83,7 @@ def tta_reduce(
         output: B x ... model outputs (B x C logits), B a multiple of ``factor``.
         target: B targets (class indices or B x C soft targets), or None.
         factor: copies per sample; 0 or 1 returns the inputs unchanged.
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword (``factor``).
 
     Returns:
         ``(output, target)`` with B / factor rows (target None when None was given).
@@ -83,12 +93,12 @@ def tta_reduce(
     """
     if factor <= 1:
         return output, target
-    rows = output.shape[0]
+    rows, name = output.shape[0], option_name('factor', names)
     if rows % factor:
-        raise ValueError(f'--tta {factor}: the batch has {rows} outputs, not a multiple of {factor} '
+        raise ValueError(f'{name} {factor}: the batch has {rows} outputs, not a multiple of {factor} '
                          f'(each sample needs its {factor} copies in the same batch)')
     if target is not None and target.shape[0] != rows:
-        raise ValueError(f'--tta {factor}: {rows} outputs but {target.shape[0]} targets')
+        raise ValueError(f'{name} {factor}: {rows} outputs but {target.shape[0]} targets')
     output = output.unfold(0, factor, factor).mean(dim=-1)
     if target is not None:
         target = target[0:rows:factor]
@@ -189,13 +199,15 @@ def tta_views(
         patch_size: Optional[Union[int, Tuple[int, int]]] = None,
         channels: int = 3,
         channels_last: bool = True,
+        names: Names = None,
 ) -> List[View]:
     """The built-in test-time views for ``--tta factor``: the batch itself, then its mirror.
 
     Each view takes and returns a whole batch (images or NaFlex dict); the keyword arguments
-    describe NaFlex patches (see :func:`hflip_naflex`).
+    describe NaFlex patches (see :func:`hflip_naflex`). ``names``: keyword -> how the messages name it
+    (train.py passes its flags); default: the keyword (``factor``).
     """
-    check_tta(factor)
+    check_tta(factor, names={'tta': option_name('factor', names)})
 
     def identity(batch: Batch) -> Batch:
         return batch
@@ -217,6 +229,8 @@ def tta_expand(
         input: Batch,
         factor: int,
         views: Optional[Sequence[View]] = None,
+        *,
+        names: Names = None,
         **view_kwargs: Any,
 ) -> Batch:
     """Make ``factor`` views of every sample, the copies of a sample next to each other.
@@ -228,6 +242,7 @@ def tta_expand(
         input: B x C x H x W images or a NaFlex batch dict.
         factor: views per sample; 0 or 1 returns ``input`` unchanged.
         views: ``factor`` callables batch -> batch (default :func:`tta_views`).
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword (``factor``).
         **view_kwargs: passed to :func:`tta_views` (NaFlex patch layout).
 
     Returns:
@@ -236,9 +251,9 @@ def tta_expand(
     if factor <= 1:
         return input
     if views is None:
-        views = tta_views(factor, **view_kwargs)
+        views = tta_views(factor, names=names, **view_kwargs)
     if len(views) != factor:
-        raise ValueError(f'--tta {factor}: got {len(views)} views, expected {factor}')
+        raise ValueError(f'{option_name("factor", names)} {factor}: got {len(views)} views, expected {factor}')
     batches = [view(input) for view in views]
     if isinstance(input, Mapping):
         out = dict(input)
@@ -254,6 +269,8 @@ def tta_forward(
         input: Batch,
         factor: int,
         views: Optional[Sequence[View]] = None,
+        *,
+        names: Names = None,
         **view_kwargs: Any,
 ) -> torch.Tensor:
     """Evaluate ``model`` with test-time augmentation: expand, run once, average (timm's reduction).
@@ -264,13 +281,14 @@ def tta_forward(
         input: B x C x H x W images or a NaFlex batch dict.
         factor: ``--tta``; 0 or 1 is a plain forward pass.
         views: see :func:`tta_expand`.
+        names: keyword -> how the messages name it (train.py passes its flags); default: the keyword (``factor``).
         **view_kwargs: see :func:`tta_views`.
 
     Returns:
         B x C logits, the mean over each sample's views.
     """
-    output = model(tta_expand(input, factor, views, **view_kwargs))
+    output = model(tta_expand(input, factor, views, names=names, **view_kwargs))
     if isinstance(output, (tuple, list)):
         output = output[0]
-    output, _ = tta_reduce(output, None, factor)
+    output, _ = tta_reduce(output, None, factor, names=names)
     return output
