@@ -259,6 +259,20 @@ def test_the_options_stay_as_parsed_and_a_run_record_supplies_what_was_not_passe
     assert results['model'] == 'test_resnet' and results['img_size'] == SIZE
 
 
+def test_a_vit_trained_at_another_size_is_created_as_training_created_it():
+    # train.py (like timm's) creates the ViT at its own size and feeds it --img-size 32 images; timm's rule for
+    # a model of fixed input size would create it for 32x32 instead, and the checkpoint would not fit.
+    from timm_gsl import hub
+    fixture = str(Path(__file__).parent / 'data' / 'checkpoint_f088310.pth.tar')
+    results = run('--checkpoint', fixture, '-b', '100')
+    model = hub.build_model(hub.load_training_checkpoint(fixture))
+    val = gsl_data.create_dataset(gsl_data.EMBEDDED_DATASET, split='validation', class_subset=3, seed=42)
+    data_args = {'input_size': (3, 32, 32), 'mean': (0.286,) * 3, 'std': (0.353,) * 3, 'crop_pct': 1.0,
+                 'interpolation': 'bilinear'}
+    assert (results['top1'], results['top5']) == reference_eval(model, val, data_args)
+    assert results['img_size'] == 32
+
+
 def test_checkpoint_of_our_train_py_gives_the_top1_training_measured(tmp_path, capsys):
     from timm_gsl.cli.train import main as train_main
     train_main(['--model', 'test_resnet', '--class-subset', '3', '--samples-per-class', '8', '-b', '8',

@@ -135,6 +135,8 @@ class _Evaluation:
         data: the images: dataset, root (None for the embedded dataset), split (``eval_split``), class map,
             image mode and keys, the class subset with its seed, the trained class names.
         input_options: the input size and eval transform as timm's resolve functions read them.
+        as_trained: the model is created as training created it (a checkpoint with a run record): not resized to
+            the evaluated input, which timm's rule does for models of a fixed input size.
         data_flags: the data as the user (or the checkpoint) named it, for messages.
         subset_recorded: whether the class subset came from the checkpoint (not the command line).
         temperature: the temperature the checkpoint's training fitted for the weights evaluated, or None.
@@ -144,6 +146,7 @@ class _Evaluation:
     data: DataRecord
     input_options: Dict[str, Any]
     data_flags: str
+    as_trained: bool = False
     subset_recorded: bool = False
     temperature: Optional[float] = None
     taken: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -328,6 +331,7 @@ def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> 
                       input_img_mode=value('input_img_mode'), input_key=value('input_key'),
                       target_key=value('target_key'))
     return _Evaluation(model=model, data=data, input_options={k: value(k) for k in _INPUT_FLAGS}, data_flags=data_flags,
+                       as_trained=record is not None and 'model' not in passed,
                        subset_recorded='class_subset' not in passed,
                        temperature=_checkpoint_temperature(record, checkpoint, args), taken=taken)
 
@@ -677,9 +681,11 @@ def _set_up(args: argparse.Namespace, seed: int):
 
 def _create_model(ev: _Evaluation, args: argparse.Namespace) -> nn.Module:
     """The model (with its pretrained weights when no --checkpoint is given)."""
+    # A run record says how training created the model (train.py, like timm's, does not size it to the input);
+    # otherwise timm's rule: a model of a fixed input size is created for the size evaluated.
     try:
-        return create_model_from_record(ev.model, ev.input_options, pretrained=ev.model.pretrained,
-                                        scriptable=args.torchscript)
+        return create_model_from_record(ev.model, None if ev.as_trained else ev.input_options,
+                                        pretrained=ev.model.pretrained, scriptable=args.torchscript)
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001
