@@ -389,3 +389,10 @@ def test_a_skipped_unreadable_image_is_named_in_the_warning(tmp_path, caplog):
     dataset[index]  # timm skips it and loads the next image
     warnings = [r.getMessage() for r in caplog.records if 'Skipped sample' in r.getMessage()]
     assert warnings and all(warning.endswith(f'(file {broken})') for warning in warnings)
+
+
+def test_a_folder_under_a_file_is_refused_in_one_line(tmp_path):
+    from timm_gsl.engine.run_folder import RunFolderError, check_run_folder
+    (tmp_path / 'a-file').write_text('x')
+    with pytest.raises(RunFolderError, match=r"^folder: '.*a-file' is not a folder; expected a folder"):
+        check_run_folder(str(tmp_path / 'a-file' / 'run'))

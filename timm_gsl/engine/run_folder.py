@@ -33,7 +33,7 @@ def run_files(folder: str) -> List[str]:
     """The files in ``folder`` that say a run wrote there (sorted); [] for a missing or empty folder."""
     try:
         names = os.listdir(folder)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file (refused by the caller)
         return []
     return sorted(n for n in names if n in RUN_FILES or (not n.startswith('.') and n.endswith(_CHECKPOINT_SUFFIXES)))
 
