@@ -151,3 +151,10 @@ def test_publishing_refuses_a_checkpoint_from_a_newer_timm_gsl_in_one_line(tmp_p
                             f"timm-gsl reads (1 to {RECORD_VERSION}); update timm-gsl to read it")
     # The checkpoint as written before the record existed still loads, its record read from its arguments.
     assert hub.load_training_checkpoint(OLD_CHECKPOINT).record.version == 0
+
+
+def test_input_options_are_the_recorded_transform_keyed_as_timm_reads_it():
+    record = from_training_arguments(dict(model='resnet18', img_size=64, in_chans=1, mean=[0.5], std=[0.25],
+                                          crop_pct=0.9, crop_mode='squash', interpolation=''))
+    assert record.input_options() == dict(input_size=(1, 64, 64), in_chans=1, mean=[0.5], std=[0.25], crop_pct=0.9,
+                                          crop_mode='squash')  # an empty interpolation: the model's own

@@ -186,6 +186,15 @@ class RunRecord:
     calibration: Optional[CalibrationFit] = None
     version: int = RECORD_VERSION
 
+    def input_options(self) -> Dict[str, Any]:
+        """The recorded input and evaluation transform, keyed as timm's data-config functions read them
+        (``input_size``, ``in_chans``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``interpolation``); what the
+        record does not hold is left out."""
+        data = self.data
+        options = dict(input_size=self.model.input_size, in_chans=self.model.in_chans, mean=data.mean, std=data.std,
+                       crop_pct=data.crop_pct, crop_mode=data.crop_mode, interpolation=data.interpolation or None)
+        return {k: v for k, v in options.items() if v is not None}
+
     def replace(self, **sections: Any) -> 'RunRecord':
         """A copy with the given sections replaced (``record.replace(evaluation=...)``)."""
         return dataclasses.replace(self, **sections)

@@ -92,35 +92,8 @@ AMP_DTYPES = ('float16', 'bfloat16')
 # Pretrained tags that were not trained on ImageNet-1k, left out of `--model all` as timm does.
 _NOT_IN1K_FILTERS = ('*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer')
 
-# What a checkpoint's run record supplies for the flags the user did not pass (flag dest -> its value in the
-# record, None when the record holds none). Model and preprocessing settings reproduce the model and the eval
-# transform that training used; the class subset and its seed, the classes it evaluated.
-_RECORDED_SETTINGS: Tuple[Tuple[str, Callable[[RunRecord], Any]], ...] = (
-    ('model', lambda r: r.model.architecture),
-    ('num_classes', lambda r: r.model.num_classes),
-    ('in_chans', lambda r: r.model.in_chans),
-    ('input_size', lambda r: None if r.model.input_size is None else list(r.model.input_size)),
-    ('gp', lambda r: r.model.global_pool),
-    ('model_kwargs', lambda r: dict(r.model.kwargs)),
-    ('mean', lambda r: r.data.mean),
-    ('std', lambda r: r.data.std),
-    ('crop_pct', lambda r: r.data.crop_pct),
-    ('crop_mode', lambda r: r.data.crop_mode),
-    ('interpolation', lambda r: r.data.interpolation or None),
-    ('class_subset', lambda r: None if r.data.class_subset is None else class_subset_value(r.data.class_subset)),
-    ('seed', lambda r: r.data.seed),
-)
-# Where the data came from: taken only when the user passed no data flag at all.
+# Where the data came from: taken from a checkpoint's run record only when the user passed no data flag at all.
 _DATA_SOURCE_FLAGS = ('data', 'data_dir', 'dataset')
-_RECORDED_SOURCE: Tuple[Tuple[str, Callable[[RunRecord], Any]], ...] = (
-    ('data_dir', lambda r: r.data.root),
-    ('dataset', lambda r: r.data.dataset or None),
-    ('class_map', lambda r: r.data.class_map or None),
-    ('input_img_mode', lambda r: r.data.input_img_mode),
-    ('input_key', lambda r: r.data.input_key),
-    ('target_key', lambda r: r.data.target_key),
-    ('split', lambda r: r.data.eval_split),
-)
 # The flags timm's resolve_input_data_config and resolve_model_input_args read.
 _INPUT_FLAGS = ('img_size', 'input_size', 'in_chans', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
 
@@ -287,21 +260,35 @@ def _checkpoint_record(checkpoint: Optional[Dict[str, Any]], path: str) -> Optio
         raise ValueError(f'--checkpoint {path!r}: {one_line(e)}') from e
 
 
+def _recorded_settings(record: RunRecord, with_source: bool) -> Dict[str, Any]:
+    """What a run record supplies for validate.py's flags (flag dest -> value; None: not recorded).
+
+    The model and the eval transform training used, the class subset and its seed; with ``with_source`` also
+    where the data came from (dataset, root, class map, image mode, keys, split).
+    """
+    model, subset = record.model, record.data.class_subset
+    settings = dict(model=model.architecture, num_classes=model.num_classes, gp=model.global_pool,
+                    model_kwargs=dict(model.kwargs), seed=record.data.seed,
+                    class_subset=None if subset is None else class_subset_value(subset), **record.input_options())
+    if 'input_size' in settings:
+        settings['input_size'] = list(settings['input_size'])  # as the flag parses it
+    if with_source:
+        data = record.data
+        settings.update(data_dir=data.root, dataset=data.dataset or None, class_map=data.class_map or None,
+                        input_img_mode=data.input_img_mode, input_key=data.input_key, target_key=data.target_key,
+                        split=data.eval_split)
+    return settings
+
+
 def _taken_from_record(record: RunRecord, passed: Set[str], args: argparse.Namespace) -> Dict[str, Any]:
     """The settings a record supplies for the flags not passed (flag dest -> value), those that differ only."""
     # --img-size and --input-size both set the size: when the user gave one, the recorded one yields.
     skip = set(passed)
     if passed.intersection(('img_size', 'input_size')):
         skip.update(('img_size', 'input_size'))
-    readers = list(_RECORDED_SETTINGS)
-    if not passed.intersection(_DATA_SOURCE_FLAGS):
-        readers += _RECORDED_SOURCE
-    taken = {}
-    for dest, read in readers:
-        value = read(record)
-        if dest not in skip and value is not None and value != getattr(args, dest, None):
-            taken[dest] = value
-    return taken
+    recorded = _recorded_settings(record, with_source=not passed.intersection(_DATA_SOURCE_FLAGS))
+    return {dest: value for dest, value in recorded.items()
+            if dest not in skip and value is not None and value != getattr(args, dest, None)}
 
 
 def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> _Evaluation:

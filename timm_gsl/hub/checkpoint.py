@@ -30,21 +30,23 @@ class TrainingCheckpoint:
         epoch: the epoch it was saved after, or None.
         metric: the value of the training's ``--eval-metric`` at that epoch, or None.
         used_ema: whether ``state_dict`` holds the EMA weights.
-        calibration: the temperature fitted after training (its ``calibration`` entry), or None.
         record: the run's :class:`~timm_gsl.record.RunRecord` (read from ``args`` for checkpoints without one).
     """
 
     def __init__(self, path: str, state_dict: Dict[str, torch.Tensor], args: Dict[str, Any],
-                 epoch: Optional[int], metric: Optional[float], used_ema: bool,
-                 calibration: Optional[CalibrationFit] = None, record: Optional[RunRecord] = None):
+                 epoch: Optional[int], metric: Optional[float], used_ema: bool, record: Optional[RunRecord] = None):
         self.path = path
         self.state_dict = state_dict
         self.args = args
         self.epoch = epoch
         self.metric = metric
         self.used_ema = used_ema
-        self.calibration = calibration
         self.record = record if record is not None else from_training_arguments(args, version=0)
+
+    @property
+    def calibration(self) -> Optional[CalibrationFit]:
+        """The temperature fitted after training (the record's calibration section), or None."""
+        return self.record.calibration
 
     @property
     def model_name(self) -> str:
@@ -95,8 +97,7 @@ def load_training_checkpoint(path: str, use_ema: bool = False) -> TrainingCheckp
         raise ValueError(f'checkpoint {path!r}: {e}') from e
     metric = raw.get('metric')
     return TrainingCheckpoint(path, state_dict, dict(args), raw.get('epoch'),
-                              float(metric) if isinstance(metric, (int, float)) else None, used_ema,
-                              record.calibration, record)
+                              float(metric) if isinstance(metric, (int, float)) else None, used_ema, record)
 
 
 def build_model(checkpoint: TrainingCheckpoint) -> nn.Module:

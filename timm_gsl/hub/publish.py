@@ -78,7 +78,7 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[st
     ``local_dir``.
     """
     model = build_model(checkpoint)
-    data_config = resolve_data_config(_input_options(checkpoint.record), model=model)
+    data_config = resolve_data_config(checkpoint.record.input_options(), model=model)
     calibration = _fold_published(model, checkpoint, fold_temperature, data_config['input_size'])
     labels = _class_names(checkpoint.record, model.num_classes)
     save_for_hf(model, folder, model_config=dict(label_names=labels) if labels else None,
@@ -118,14 +118,6 @@ def _export_to(folder: str, checkpoint: TrainingCheckpoint, repo_id: Optional[st
         f.write(card)
     files.append(CARD_FILE)
     return files
-
-
-def _input_options(record: RunRecord) -> Dict[str, Any]:
-    """The recorded input and evaluation transform, as timm's ``resolve_data_config`` reads them."""
-    data = record.data
-    options = dict(input_size=record.model.input_size, in_chans=record.model.in_chans, mean=data.mean, std=data.std,
-                   crop_pct=data.crop_pct, crop_mode=data.crop_mode, interpolation=data.interpolation or None)
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def _default_modes(folder: str) -> Tuple[int, int]:
